@@ -1,0 +1,1 @@
+"""Data: bundled digits, image folders, torch datasets, thumbnails."""

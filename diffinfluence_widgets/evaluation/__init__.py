@@ -1,0 +1,1 @@
+"""Evaluation of attributions: LDS and retraining without top influences."""

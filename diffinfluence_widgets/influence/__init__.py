@@ -1,0 +1,1 @@
+"""Influence: per-example gradients, K-FAC / EK-FAC curvature, scores, projections and baselines."""
