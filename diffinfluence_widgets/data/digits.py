@@ -1,0 +1,62 @@
+"""scikit-learn's bundled 8×8 digits (1797 images, no download) as an :class:`ImageDataset`."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .dataset import ImageDataset
+from .images import _check_size, resize
+
+__all__ = ["load_digits", "digits_split_ids"]
+
+SPLITS = ("train", "heldout", "all")
+
+
+@lru_cache(maxsize=1)
+def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits as _sk_load
+
+    d = _sk_load()
+    images = torch.from_numpy(np.asarray(d.images, dtype=np.float32)) / 16.0  # 0..16 -> 0..1
+    return images[:, None], torch.from_numpy(np.asarray(d.target, dtype=np.int64))
+
+
+def digits_split_ids(split: str = "train", heldout_fraction: float = 0.2, seed: int = 0) -> torch.Tensor:
+    """Sorted ids of a split: stratified by class, seeded, independent of image size and ``limit``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= float(heldout_fraction) < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    _, labels = _raw_digits()
+    n = labels.numel()
+    if split == "all":
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed))
+    heldout = torch.zeros(n, dtype=torch.bool)
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        k = int(round(float(heldout_fraction) * idx.numel()))
+        heldout[idx[torch.randperm(idx.numel(), generator=g)[:k]]] = True
+    return (heldout if split == "heldout" else ~heldout).nonzero().flatten()
+
+
+def load_digits(size: int = 16, split: str = "train", heldout_fraction: float = 0.2, seed: int = 0,
+                limit: int | None = None) -> ImageDataset:
+    """The digits, resized (bilinear) to ``size × size`` and scaled to ``[-1, 1]``.
+
+    ids are row indices in scikit-learn's array, so they are the same for every size, split and limit.
+    ``split``: ``"train"``, ``"heldout"`` (a class-stratified ``heldout_fraction``, drawn with ``seed``) or
+    ``"all"``. ``limit`` keeps the first ``limit`` ids of the split.
+    """
+    size = _check_size(size)
+    ids = digits_split_ids(split, heldout_fraction, seed)
+    if limit is not None:
+        if int(limit) < 1:
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        ids = ids[: int(limit)]
+    images, labels = _raw_digits()
+    x = resize(images[ids], size) * 2 - 1
+    return ImageDataset(images=x.clamp(-1, 1), ids=ids, labels=labels[ids],
+                        name=f"digits{size}-{split}", meta={"source": "sklearn.datasets.load_digits"})
