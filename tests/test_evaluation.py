@@ -248,6 +248,45 @@ def test_interrupted_parallel_retraining_resumes_with_same_results(tmp_path):
                                   cache.measure(jobs, q, data.ids[:4], num_draws=4))
 
 
+def real_train_crashing(model, dataset, config, **kw):
+    """diffusion.train.train_model, made to crash at step 13 on its first call (``REAL_TRAIN_CRASH`` marker)."""
+    from diffinfluence_widgets.diffusion.train import train_model
+
+    marker = os.environ.get("REAL_TRAIN_CRASH")
+
+    def crash(step, loss):
+        if marker and step == 13 and not os.path.exists(marker):
+            Path(marker).touch()
+            raise RuntimeError("simulated crash mid-training")
+
+    return train_model(model, dataset, config, callback=crash, **kw)
+
+
+def test_interrupted_real_training_resumes_from_its_checkpoint(tmp_path):
+    from diffinfluence_widgets.diffusion.train import CHECKPOINT_NAME, TrainConfig
+
+    data = _digits(16)
+    cfg = TrainConfig.tiny(steps=20, checkpoint_every=10)
+    jobs = [RetrainJob(tuple(data.ids[:12].tolist()), s) for s in (0, 1)]
+    reference = RetrainCache(tmp_path / "ref", _base(), data, cfg, train_fn=real_train_crashing)
+    reference.run(jobs, progress=False)
+    cache = RetrainCache(tmp_path / "int", _base(), data, cfg, train_fn=real_train_crashing)
+    os.environ["REAL_TRAIN_CRASH"] = str(tmp_path / "crashed")
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cache.run(jobs, progress=False)
+        ckpt = tmp_path / "int" / "checkpoints" / cache.key(jobs[0]) / CHECKPOINT_NAME
+        assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == 10
+        assert not cache.is_done(jobs[0]) and not cache.is_done(jobs[1])
+        cache.run(jobs, progress=False)
+    finally:
+        os.environ.pop("REAL_TRAIN_CRASH", None)
+    assert not ckpt.exists()
+    for job in jobs:
+        a, b = _weights(reference.load(job)), _weights(cache.load(job))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------- baselines
 class SmallEncoder(torch.nn.Module):
     """A local, untrained conv encoder standing in for CLIP (no downloads in tests)."""
