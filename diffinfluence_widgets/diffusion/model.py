@@ -150,7 +150,8 @@ class DiffusionModel:
         return self._consts[name].to(device=device or self.device, dtype=dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusionModel":
-        self.unet.to(device=resolve_device(device) if device is not None else None, dtype=dtype)
+        # nn.Module.to directly: diffusers' ModelMixin.to warns about dtype casts that are fine for UNet2DModel
+        torch.nn.Module.to(self.unet, device=resolve_device(device) if device is not None else None, dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ the maths

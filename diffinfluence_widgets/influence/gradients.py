@@ -1,0 +1,206 @@
+"""Per-example gradients of the training loss and of any measurement, w.r.t. Conv2d / Linear parameters.
+
+For an example x with S seeded draws, the gradient of ``m(θ, x) = mean_s term_s`` is computed in one backward pass
+over an example-major batch: the hooks of :mod:`.capture` give each layer's inputs ``a`` and output gradients ``b``
+per network row, and the example's gradient is ``Σ_rows-of-x Σ_r b aᵀ`` (divided by S through the objective).
+Examples never mix (diffusers UNets have no batch statistics), so this equals a plain autograd loop over
+examples — which the tests check — at a fraction of the cost: parameters are frozen during the pass, so the
+weight-gradient GEMMs of an ordinary backward are skipped.
+
+Gradient passes run the UNet in **eval mode** (no dropout), as the paper's code did for curvature and query
+gradients (method trap 4); training-side gradients use the same mode so that both sides see the same function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion.model import DiffusionModel, resolve_device
+from ..measurements import Measurement, Trajectory, band_masks, get_measurement
+from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
+
+__all__ = ["LayerGradients", "per_example_gradients", "iter_gradients", "tracked_layers", "layer_shapes",
+           "DEFAULT_GRADIENT_DRAWS"]
+
+#: draws per example for a reliable per-example gradient (method §1: stratified t with K ≥ 64)
+DEFAULT_GRADIENT_DRAWS = 64
+
+
+def layer_shapes(model: DiffusionModel) -> dict[str, tuple[int, int]]:
+    """``{layer name: (d_out, d_in + has_bias)}`` for every tracked layer of the model's UNet."""
+    return {n: layer_shape(m) for n, m in tracked_layers(model.unet).items()}
+
+
+@dataclass
+class LayerGradients:
+    """Per-example gradients, one ``[B, d_out, d_in (+1)]`` tensor per tracked layer (bias = last column).
+
+    ``band_layers`` (optional) holds the per-timestep-band parts ``[num_bands, B, d_out, d_in (+1)]``; they sum
+    to ``layers`` exactly.
+    """
+
+    layers: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    band_layers: dict[str, torch.Tensor] | None = None
+    bands: list[tuple[int, int]] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def flat(self) -> torch.Tensor:
+        """``[B, P]``: all layers concatenated in order (each matrix flattened row-major)."""
+        return torch.cat([g.flatten(1) for g in self.layers.values()], dim=1)
+
+    def band_flat(self) -> torch.Tensor:
+        """``[num_bands, B, P]``."""
+        if self.band_layers is None:
+            raise ValueError("these gradients were computed without timestep bands (pass bands=...)")
+        return torch.cat([g.flatten(2) for g in self.band_layers.values()], dim=2)
+
+    def map(self, fn) -> "LayerGradients":
+        """Apply ``fn(name, tensor)`` to every layer (and band) tensor."""
+        bands = None if self.band_layers is None else {n: fn(n, g) for n, g in self.band_layers.items()}
+        return LayerGradients({n: fn(n, g) for n, g in self.layers.items()}, self.ids, bands, self.bands,
+                              dict(self.meta))
+
+    def to(self, device=None, dtype=None) -> "LayerGradients":
+        return self.map(lambda n, g: g.to(device=device, dtype=dtype))
+
+    @staticmethod
+    def cat(parts: Sequence["LayerGradients"]) -> "LayerGradients":
+        if not parts:
+            raise ValueError("no gradients to concatenate")
+        names = parts[0].layer_names
+        bands = None
+        if parts[0].band_layers is not None:
+            bands = {n: torch.cat([p.band_layers[n] for p in parts], dim=1) for n in names}
+        return LayerGradients({n: torch.cat([p.layers[n] for p in parts]) for n in names},
+                              torch.cat([p.ids for p in parts]), bands, parts[0].bands, dict(parts[0].meta))
+
+
+def _as_ids(ids, n: int) -> torch.Tensor:
+    t = torch.as_tensor(ids if not isinstance(ids, range) else list(ids), dtype=torch.long).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"got {t.numel()} ids for {n} images")
+    return t
+
+
+def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequence[int] | torch.Tensor,
+                          measurement: str | Measurement = "loss", *, num_draws: int | None = None, seed: int = 0,
+                          batch_size: int = 32, max_rows: int = 512, trajectory: Trajectory | None = None,
+                          bands: Sequence[tuple[int, int]] | None = None, device: str | torch.device | None = None,
+                          dtype: torch.dtype | None = None, progress: bool = False) -> LayerGradients:
+    """Gradients ``∇_θ m(θ, x)`` for each image, averaged over ``num_draws`` seeded draws.
+
+    Parameters
+    ----------
+    measurement:
+        A name from :data:`~diffinfluence_widgets.measurements.MEASUREMENTS` or a :class:`Measurement`; the
+        training-side gradients of the method use ``"loss"``.
+    num_draws:
+        S draws of (t, ε) per example (default :data:`DEFAULT_GRADIENT_DRAWS`). The draws of an example depend
+        only on ``(seed, id)``, so results do not depend on ``batch_size`` or ``max_rows``.
+    max_rows:
+        Upper bound on ``examples × draws`` per network call; draws are processed in chunks to respect it.
+    bands:
+        Optional timestep bands ``[(lo, hi), ...]`` partitioning 0..T−1: also return the per-band parts.
+    device, dtype:
+        Where to compute (``None``: the model's device, or CUDA when available if the model is on the CPU and
+        ``device="auto"``) and in which float type (default: the model's).
+    """
+    meas = get_measurement(measurement)
+    model.check_images(images)
+    ids_t = _as_ids(ids, images.shape[0])
+    if meas.needs_trajectory and trajectory is None:
+        raise ValueError(f"measurement {meas.name!r} needs the query's sampling trajectory (trajectory=...)")
+    if bands is not None and not meas.averages_over_timesteps:
+        raise ValueError(f"measurement {meas.name!r} does not average over timesteps; bands are not defined for it")
+    if int(batch_size) < 1 or int(max_rows) < 1:
+        raise ValueError(f"batch_size and max_rows must be positive, got {batch_size!r}, {max_rows!r}")
+    S = int(num_draws or DEFAULT_GRADIENT_DRAWS)
+    dev = resolve_device(device) if device is not None else model.device
+    model.to(dev)
+    dt = dtype or model.dtype
+    if dt != model.dtype:
+        model.to(dtype=dt)
+    layers = tracked_layers(model.unet)
+    band_list = [tuple(map(int, b)) for b in bands] if bands is not None else None
+    parts: list[LayerGradients] = []
+    n = images.shape[0]
+    bar = tqdm(total=n, desc=f"gradients ({meas.name})", unit="img", disable=not progress, leave=False)
+    with frozen_eval(model.unet), LayerCapture(layers) as cap:
+        for lo in range(0, n, int(batch_size)):
+            sl = slice(lo, min(n, lo + int(batch_size)))
+            x = images[sl].to(dev, dt)
+            B = x.shape[0]
+            draws = meas.draws(model, ids_t[sl], S, seed)
+            traj = trajectory.select(sl).to(dev, dt) if trajectory is not None else None
+            acc = {name: torch.zeros(B, *layer_shape(m), device=dev, dtype=dt) for name, m in layers.items()}
+            acc_b = None
+            if band_list is not None:
+                acc_b = {name: torch.zeros(len(band_list), B, *layer_shape(m), device=dev, dtype=dt)
+                         for name, m in layers.items()}
+            chunk = max(1, min(S, int(max_rows) // B))
+            for s0 in range(0, S, chunk):
+                d = draws.select_draws(slice(s0, s0 + chunk)).to(dev, dt)
+                cap.clear()
+                with torch.enable_grad():
+                    vals = meas.per_draw(model, x, d, traj)  # [B, s]
+                    if vals.shape != (B, d.num_draws):
+                        raise RuntimeError(f"measurement {meas.name!r} returned {tuple(vals.shape)}, "
+                                           f"expected {(B, d.num_draws)}")
+                    (vals.sum() / S).backward()
+                masks = None
+                if band_list is not None:
+                    masks = band_masks(meas.draw_timesteps(d, traj).to(dev), band_list).to(dt)  # [nb, B, s]
+                for name in layers:
+                    for rec in cap.calls(name):
+                        rows = rec.a.shape[0]
+                        if rows % B:
+                            raise RuntimeError(f"layer {name!r} saw {rows} rows for {B} examples; measurements "
+                                               "must call the network on example-major batches")
+                        k = rows // B
+                        a = rec.a.reshape(B, k * rec.a.shape[1], -1)
+                        b = rec.b.reshape(B, k * rec.b.shape[1], -1)
+                        acc[name] += torch.einsum("nro,nri->noi", b, a)
+                        if masks is not None:
+                            if k != d.num_draws:
+                                raise RuntimeError(f"measurement {meas.name!r}: layer {name!r} is called with {k} "
+                                                   f"rows per example for {d.num_draws} draws; cannot split by band")
+                            R = rec.a.shape[1]
+                            a4 = rec.a.reshape(B, k, R, -1)
+                            b4 = rec.b.reshape(B, k, R, -1)
+                            acc_b[name] += torch.einsum("mns,nsro,nsri->mnoi", masks, b4, a4)
+                cap.clear()
+            parts.append(LayerGradients(acc, ids_t[sl].clone(), acc_b, band_list))
+            bar.update(B)
+    bar.close()
+    out = LayerGradients.cat(parts)
+    out.meta = {"measurement": meas.name, "num_draws": S, "seed": int(seed)}
+    return out
+
+
+def iter_gradients(model: DiffusionModel, dataset, *, measurement: str | Measurement = "loss",
+                   num_draws: int | None = None, seed: int = 0, batch_size: int = 32, max_rows: int = 512,
+                   device=None, dtype=None, progress: bool = False, start: int = 0,
+                   stop: int | None = None) -> Iterator[LayerGradients]:
+    """Per-example gradients over an ``ImageDataset`` (``.images``, ``.ids``), one batch at a time, in order."""
+    n = len(dataset.ids)
+    stop = n if stop is None else min(int(stop), n)
+    bar = tqdm(total=stop - start, desc=f"training gradients ({get_measurement(measurement).name})", unit="img",
+               disable=not progress)
+    for lo in range(int(start), stop, int(batch_size)):
+        hi = min(stop, lo + int(batch_size))
+        yield per_example_gradients(model, dataset.images[lo:hi], dataset.ids[lo:hi], measurement,
+                                    num_draws=num_draws, seed=seed, batch_size=batch_size, max_rows=max_rows,
+                                    device=device, dtype=dtype)
+        bar.update(hi - lo)
+    bar.close()
