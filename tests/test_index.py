@@ -1,0 +1,278 @@
+"""Projected-gradient store (atomic shards, resume after SIGKILL, refusal of corrupt / foreign stores), FAISS
+search against brute force, and the λ-change query path against a from-scratch computation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffinfluence_widgets.index import (FeatureIndex, KFACQuery, ProjectedStore, StoreCorruptError, StoreError,
+                                         StoreMismatchError, build_store, store_feature_fn)
+from diffinfluence_widgets.influence.projection import make_projector
+
+torch.set_num_threads(1)
+try:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+SETTINGS = {"model_fingerprint": "m0", "dataset_fingerprint": "d0", "measurement": "loss", "num_draws": 4,
+            "draw_seed": 0, "projection": {"structure": "kronecker", "kind": "rademacher", "seed": 0, "k": 8},
+            "dtype": "float32"}
+
+
+def synthetic_features(ids: np.ndarray, dim: int = 8) -> np.ndarray:
+    """Deterministic per-id features (what a gradient projection would give)."""
+    return np.stack([np.random.default_rng(int(i)).standard_normal(dim).astype(np.float32) for i in ids])
+
+
+def _compute(ids, calls=None):
+    def compute(lo, hi):
+        if calls is not None:
+            calls.append((lo, hi))
+        return {"features": torch.from_numpy(synthetic_features(ids[lo:hi]))}
+    return compute
+
+
+def test_store_round_trip_and_manifest(tmp_path):
+    ids = np.arange(100, 137)
+    store = build_store(tmp_path / "s", ids, _compute(ids), SETTINGS, shard_size=10, progress=False)
+    assert store.arrays["features"].dtype == np.float32
+    assert np.array_equal(store.ids, ids)
+    assert np.array_equal(store.arrays["features"], synthetic_features(ids))
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert man["complete"] and man["num_shards"] == 4 and man["dtype"] == "float32"
+    assert man["settings"]["model_fingerprint"] == "m0" and man["settings"]["projection"]["k"] == 8
+    assert all(len(s["sha256"]) == 64 for s in man["shards"])
+    assert store.bytes_per_example == 8 * 4 + 8
+    assert list(store.positions([105, 100])) == [5, 0]
+    # a second build is a no-op (every shard is skipped)
+    calls = []
+    build_store(tmp_path / "s", ids, _compute(ids, calls), SETTINGS, shard_size=10, progress=False)
+    assert calls == []
+    # no temporary files are left behind
+    assert not [p for p in (tmp_path / "s").rglob(".tmp-*")]
+
+
+def test_store_refuses_other_model_dataset_setting(tmp_path):
+    ids = np.arange(20)
+    build_store(tmp_path / "s", ids, _compute(ids), SETTINGS, shard_size=8, progress=False)
+
+    class FP:
+        def __init__(self, fp):
+            self.fp = fp
+
+        def fingerprint(self):
+            return self.fp
+
+    ProjectedStore.open(tmp_path / "s", model=FP("m0"), dataset=FP("d0"))
+    with pytest.raises(StoreMismatchError, match=r"built for model m0.*given model is m1"):
+        ProjectedStore.open(tmp_path / "s", model=FP("m1"))
+    with pytest.raises(StoreMismatchError, match=r"dataset d0.*given dataset is d9"):
+        ProjectedStore.open(tmp_path / "s", dataset=FP("d9"))
+    with pytest.raises(StoreMismatchError, match=r"num_draws=4, expected 64"):
+        ProjectedStore.open(tmp_path / "s", expect={"num_draws": 64})
+    # building into the folder with other settings is refused, naming the difference
+    with pytest.raises(StoreMismatchError, match=r"model_fingerprint: store has 'm0', expected 'm1'"):
+        build_store(tmp_path / "s", ids, _compute(ids), {**SETTINGS, "model_fingerprint": "m1"}, shard_size=8,
+                    progress=False)
+    other = build_store(tmp_path / "s", ids, _compute(ids), {**SETTINGS, "model_fingerprint": "m1"}, shard_size=8,
+                        overwrite=True, progress=False)
+    assert other.settings["model_fingerprint"] == "m1"
+    with pytest.raises(StoreError, match="no projected-gradient store"):
+        ProjectedStore.open(tmp_path / "nothing")
+
+
+def test_corrupt_and_truncated_shards_are_refused_and_repaired(tmp_path):
+    ids = np.arange(30)
+    build_store(tmp_path / "s", ids, _compute(ids), SETTINGS, shard_size=8, progress=False)
+    shard = tmp_path / "s" / "shards" / "shard-00001.npz"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte: same size, wrong checksum
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match=r"shard 1 .*fails its SHA-256 checksum"):
+        ProjectedStore.open(tmp_path / "s")
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(StoreCorruptError, match=r"shard 1 .*truncated"):
+        ProjectedStore.open(tmp_path / "s")
+    shard.unlink()
+    with pytest.raises(StoreCorruptError, match=r"shard 1 .*missing"):
+        ProjectedStore.open(tmp_path / "s")
+    # resuming the build recomputes exactly the broken shard
+    calls = []
+    store = build_store(tmp_path / "s", ids, _compute(ids, calls), SETTINGS, shard_size=8, progress=False)
+    assert calls == [(8, 16)]
+    assert np.array_equal(store.arrays["features"], synthetic_features(ids))
+    # an unfinished build cannot be opened
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**man, "complete": False}))
+    with pytest.raises(StoreError, match="incomplete"):
+        ProjectedStore.open(tmp_path / "s")
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    from test_index import SETTINGS, synthetic_features
+    from diffinfluence_widgets.index import build_store
+    torch.set_num_threads(1)
+    ids = np.arange(1000, 1060)
+    def compute(lo, hi):
+        time.sleep(0.25)
+        return {{"features": torch.from_numpy(synthetic_features(ids[lo:hi]))}}
+    build_store({path!r}, ids, compute, SETTINGS, shard_size=6, progress=False)
+    print("done")
+""")
+
+
+def test_sigkill_midway_then_resume_equals_uninterrupted(tmp_path):
+    path = tmp_path / "killed"
+    script = tmp_path / "build.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done = list((path / "shards").glob("shard-*.json")) if (path / "shards").is_dir() else []
+        if len(done) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"build finished or died before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    finished = {p.name for p in (path / "shards").glob("shard-*.json")}
+    assert 3 <= len(finished) < 10
+    with pytest.raises(StoreError, match="incomplete"):
+        ProjectedStore.open(path)
+    ids = np.arange(1000, 1060)
+    calls = []
+    resumed = build_store(path, ids, _compute(ids, calls), SETTINGS, shard_size=6, progress=False)
+    assert len(calls) == 10 - len(finished)  # finished shards were not recomputed
+    assert not any(lo // 6 in {int(n[6:11]) for n in finished} for lo, _ in calls)
+    clean = build_store(tmp_path / "clean", ids, _compute(ids), SETTINGS, shard_size=6, progress=False)
+    assert np.array_equal(resumed.ids, clean.ids)
+    assert np.array_equal(resumed.arrays["features"], clean.arrays["features"])
+    for s in range(10):  # byte-identical shards
+        name = f"shard-{s:05d}.npz"
+        assert (path / "shards" / name).read_bytes() == (tmp_path / "clean" / "shards" / name).read_bytes()
+    ProjectedStore.open(path, verify=True)
+
+
+# ------------------------------------------------------------------------------------------------ FAISS search
+def test_flat_search_equals_brute_force_topk():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 32)).astype(np.float32)
+    ids = rng.permutation(10_000)[:500].astype(np.int64)
+    index = FeatureIndex(X, ids)
+    for _ in range(5):
+        q = rng.standard_normal(32)
+        p_ids, p_sc, o_ids, o_sc = index.proponents_opponents(q, 10)
+        s = X.astype(np.float64) @ q.astype(np.float32).astype(np.float64)
+        order = np.argsort(-s, kind="stable")
+        assert np.array_equal(p_ids, ids[order[:10]])
+        assert np.allclose(p_sc, s[order[:10]], rtol=1e-5, atol=1e-5)
+        assert np.array_equal(o_ids, ids[order[::-1][:10]])
+        assert np.allclose(o_sc, s[order[::-1][:10]], rtol=1e-5, atol=1e-5)
+        assert np.all(np.diff(p_sc) <= 1e-6) and np.all(np.diff(o_sc) >= -1e-6)
+    assert index.search(rng.standard_normal((3, 32)), 1000)[0].shape == (3, 500)
+    with pytest.raises(ValueError, match="dimension"):
+        index.search(np.zeros(31), 3)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_find_most_of_the_exact_topk(kind):
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((40, 32)) * 2  # clustered, like gradients of similar images
+    X = (centers[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 32))).astype(np.float32)
+    ids = np.arange(4000)
+    exact, approx = FeatureIndex(X, ids), FeatureIndex(X, ids, kind=kind, nprobe=16)
+    rec = []
+    for _ in range(10):
+        q = rng.standard_normal(32)
+        rec.append(len(set(exact.search(q, 20)[0][0]) & set(approx.search(q, 20)[0][0])) / 20)
+    assert np.mean(rec) > 0.8, rec
+
+
+# ------------------------------------------------------------------------------------------------ query path
+def _synthetic_curvature(shapes, seed=0):
+    from diffinfluence_widgets.influence.curvature import Curvature
+
+    g = torch.Generator().manual_seed(seed)
+    qa, qb, la, lb, ev = {}, {}, {}, {}, {}
+    for n, (d_out, d_in1) in shapes.items():
+        qb[n] = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
+        qa[n] = torch.linalg.qr(torch.randn(d_in1, d_in1, generator=g, dtype=torch.float64))[0]
+        lb[n] = torch.rand(d_out, generator=g, dtype=torch.float64) ** 4
+        la[n] = torch.rand(d_in1, generator=g, dtype=torch.float64) ** 4
+        ev[n] = torch.outer(lb[n], la[n]) * (0.5 + torch.rand(d_out, d_in1, generator=g, dtype=torch.float64))
+    return Curvature(list(shapes), qa, qb, la, lb, ev)
+
+
+@pytest.mark.parametrize("space", ["parameter", "eigen"])
+@pytest.mark.parametrize("structure", ["kronecker", "dense"])
+def test_damping_change_equals_from_scratch(space, structure):
+    shapes = {"a": (6, 11), "b": (9, 4), "c": (3, 17)}
+    curv = _synthetic_curvature(shapes)
+    proj = make_projector(shapes, 64, structure=structure, seed=3)
+    g = torch.Generator().manual_seed(5)
+    train = {n: torch.randn(40, *s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    query = {n: torch.randn(1, *s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    lam0 = 1e-3
+    feats = store_feature_fn(proj, space=space, curvature=curv, whiten_damping=lam0)(train).double()
+    engine = KFACQuery(curv, proj, space=space, whiten_damping=lam0)
+    rotated = engine.rotate(query)  # once per query
+    for damping in (1e-1, 1e-4, 1e-8, 3.0):
+        fast = feats @ engine.project(rotated, damping)[0]
+        # from scratch: precondition in parameter space, then the store's feature map
+        pre = curv.precondition(query, damping)
+        if space == "parameter":
+            slow = feats @ proj.project(pre).double()[0]
+        else:
+            w = {n: (curv.eigenvalues[n] + lam0) for n in shapes}
+            rot = curv.rotate(pre)
+            slow = feats @ proj.project({n: rot[n] * w[n].sqrt() for n in shapes}).double()[0]
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-6 * float(slow.abs().max())), (damping, space)
+    # the curvature is untouched by any number of damping changes
+    assert torch.equal(curv.eigenvalues["a"], _synthetic_curvature(shapes).eigenvalues["a"])
+
+
+def test_eigen_store_is_unbiased_and_more_accurate_at_small_damping():
+    """Both spaces estimate the exact preconditioned score; the whitened one with far less projection noise."""
+    shapes = {"a": (16, 33), "b": (24, 9)}
+    curv = _synthetic_curvature(shapes, seed=1)
+    g = torch.Generator().manual_seed(2)
+    # gradients distributed like the curvature says (G ≈ E[g gᵀ]): small where the eigenvalues are small
+    def draw(b):
+        z = {n: torch.randn(b, *s, generator=g, dtype=torch.float64) * curv.eigenvalues[n].sqrt()
+             for n, s in shapes.items()}
+        return curv.unrotate(z)
+    train, query = draw(50), draw(1)
+    damping = 1e-4  # the eigenvalues span ~1e-8 .. 1
+    pre = curv.precondition(query, damping)
+    exact = sum((pre[n] * train[n]).flatten(1).sum(1) for n in shapes)
+    err, mean = {}, {}
+    for space in ("parameter", "eigen"):
+        ests = []
+        for r in range(12):
+            proj = make_projector(shapes, 256, seed=r)
+            feats = store_feature_fn(proj, space=space, curvature=curv, whiten_damping=damping)(train).double()
+            engine = KFACQuery(curv, proj, space=space, whiten_damping=damping)
+            ests.append(feats @ engine.project(engine.rotate(query), damping)[0])
+        ests = torch.stack(ests)
+        err[space] = float(((ests - exact) ** 2).mean().sqrt())
+        mean[space] = ests.mean(0)
+        # unbiased: the mean over projection seeds approaches the exact scores
+        assert float((mean[space] - exact).pow(2).mean().sqrt()) < 3 * err[space] / np.sqrt(12)
+    assert err["eigen"] < 0.3 * err["parameter"], err
