@@ -1,0 +1,102 @@
+"""``InfluenceExplorer``: query picker + controls + gallery + plotly views + compare + export, over one session."""
+from __future__ import annotations
+
+import html
+import json
+
+import ipywidgets as W
+
+from ..backend import SIGN_CONVENTION, InfluenceBackend
+from ..session import AttributionSession
+from .compare import CompareView
+from .controls import Controls
+from .export import ExportPanel
+from .gallery import InfluenceGallery
+from .picker import QueryPicker
+from .plots import BandProfile, GradientMap, RankStability, ScoreDistribution
+
+__all__ = ["InfluenceExplorer"]
+
+
+class InfluenceExplorer(W.VBox):
+    """The whole explorer. ``InfluenceExplorer(backend)`` or ``InfluenceExplorer(session=...)``.
+
+    ``status=True`` adds a small line written by Python after each gallery update (request id, settings, shown
+    ids); ``check_backend=True`` also writes ``backend.search`` at the exact same settings, computed directly (not
+    through the session), so a browser test can compare it with what the gallery shows.
+    """
+
+    TABS = ("Score distribution", "Damping sweep", "Timestep bands", "Gradient map", "Compare", "Export")
+
+    def __init__(self, backend: InfluenceBackend | None = None, *, session: AttributionSession | None = None,
+                 status: bool = True, check_backend: bool = False, page_size: int = 12, **session_kwargs):
+        if session is None:
+            if backend is None:
+                raise TypeError("InfluenceExplorer needs a backend or a session")
+            session = AttributionSession(backend, **session_kwargs)
+        self.session = s = session
+        self.check_backend = check_backend
+        title = W.HTML("<div class='dinf-title'><b>Influence explorer</b> — which training images made the model "
+                       f"generate this? <span class='dinf-sign-global'>{html.escape(SIGN_CONVENTION)}</span></div>")
+        self.picker = QueryPicker(s)
+        self.controls = Controls(s)
+        self.gallery = InfluenceGallery(s, page_size=page_size)
+        self.progress = W.IntProgress(value=0, min=0, max=1, bar_style="info", description="",
+                                      layout=W.Layout(width="360px", visibility="hidden"))
+        self.progress.add_class("dinf-progress")
+        self.progress_text = W.HTML()
+        self.distribution = ScoreDistribution(s, active=True)
+        self.sweep = RankStability(s, active=False)
+        self.bands = BandProfile(s, active=False)
+        self.map = GradientMap(s, on_select=self.gallery.select, active=False)
+        self.compare = CompareView(s, active=False)
+        self.export = ExportPanel(s)
+        self._views = [self.distribution, self.sweep, self.bands, self.map, self.compare, None]
+        self.tabs = W.Tab(children=[self.distribution, self.sweep, self.bands, self.map, self.compare, self.export],
+                          titles=self.TABS)
+        self.tabs.add_class("dinf-tabs")
+        self.tabs.observe(self._on_tab, "selected_index")
+        self.status = W.HTML()
+        self.status.add_class("dinf-status")
+        self.status.layout.display = None if status else "none"
+        self.gallery.observe(lambda ch: self.map.select(ch["new"]), "selected_id")
+        self.gallery.observe(self._write_status, "version")
+        s.observe(self._on_busy, ["busy", "progress"])
+        left = W.VBox([self.picker], layout=W.Layout(flex="0 0 270px"))
+        right = W.VBox([self.controls, W.HBox([self.progress, self.progress_text]), self.gallery],
+                       layout=W.Layout(flex="1 1 auto"))
+        super().__init__([title, W.HBox([left, right]), self.tabs, self.status])
+        self.add_class("dinf-explorer")
+        self._write_status()
+
+    def _on_tab(self, change) -> None:
+        for n, v in enumerate(self._views):
+            if v is not None:
+                v.active = n == change["new"]
+
+    def _on_busy(self, change=None) -> None:
+        long_work = self.session.busy and bool(self.session.progress)
+        self.progress.layout.visibility = "visible" if long_work else "hidden"
+        self.progress_text.value = html.escape(self.session.progress) if long_work else ""
+
+    def _write_status(self, change=None) -> None:
+        r = self.session.result
+        if r is None or self.gallery.request_id != r.request_id:
+            self.status.value = "<span class='dinf-status-text' data-request='0'>no result yet</span>"
+            return
+        data = {"request_id": r.request_id, "query_id": r.query_id, "measurement": r.measurement,
+                "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
+                "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
+                "page": self.gallery.page}
+        if self.check_backend:
+            b = self.session.backend
+            p = b.prepare(r.query_id, r.measurement, r.method, r.band)
+            sr = b.search(p, r.damping, r.k)
+            data["backend_search"] = {"proponent_ids": [int(i) for i in sr.proponent_ids],
+                                      "proponent_scores": [repr(float(v)) for v in sr.proponent_scores],
+                                      "opponent_ids": [int(i) for i in sr.opponent_ids],
+                                      "opponent_scores": [repr(float(v)) for v in sr.opponent_scores]}
+        text = (f"python: request {r.request_id} · query {r.query_id} · {r.measurement} · {r.method} · "
+                f"λ={r.damping:.4g} · {r.elapsed_s * 1000:.1f} ms")
+        self.status.value = (f"<span class='dinf-status-text' data-request='{r.request_id}' "
+                             f"data-json='{html.escape(json.dumps(data), quote=True)}'>{html.escape(text)}</span>")

@@ -1,0 +1,240 @@
+"""Plotly views of the session's current result (``go.FigureWidget``, itself an anywidget in plotly ≥ 6).
+
+- :class:`ScoreDistribution` — histogram of the scores of every training image with the top-k marked;
+- :class:`RankStability` — where the current top-k rank across a damping sweep, and the top-k overlap;
+- :class:`BandProfile` — per-timestep-band contributions of the top influences (they sum to the score);
+- :class:`GradientMap` — 2-D map of the projected training gradients with the top-k highlighted; clicking a point
+  selects that training image in the gallery (linked selection).
+
+Each view recomputes off the kernel thread (``session.run_async``, latest request wins) and only while
+``active`` (the explorer activates the visible tab); an inactive view recomputes when it becomes active.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+from ..session import AttributionSession
+
+__all__ = ["ScoreDistribution", "RankStability", "BandProfile", "GradientMap"]
+
+PRO, OPP, GREY = "#b2182b", "#2166ac", "#bbbbbb"
+_LAYOUT = dict(height=330, margin=dict(l=55, r=20, t=40, b=45), template="plotly_white",
+               legend=dict(orientation="h", y=-0.2))
+
+
+class _View(W.VBox):
+    channel = "view"
+    triggers: tuple[str, ...] = ("result",)
+
+    def __init__(self, session: AttributionSession, active: bool = True, **kwargs):
+        self.session = session
+        self.fig = go.FigureWidget(layout=go.Layout(**_LAYOUT))
+        self.note = W.HTML()
+        self.note.add_class("dinf-plot-note")
+        super().__init__([self.fig, self.note], **kwargs)
+        self.add_class("dinf-plot")
+        self._active = active
+        self._dirty = True
+        self.renders = 0
+        self._setup()
+        session.observe(self._on_change, list(self.triggers))
+        if active:
+            self.update()
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value)
+        if self._active and self._dirty:
+            self.update()
+
+    def _on_change(self, change=None) -> None:
+        self._dirty = True
+        if self._active:
+            self.update()
+
+    def update(self) -> None:
+        """Recompute off the kernel thread and redraw (the newest request wins)."""
+        self._dirty = False
+        if self.session.result is None:
+            return
+        self.session.run_async(f"{self.channel}-{id(self)}", self._compute, self._draw_safe, self._error)
+
+    def _draw_safe(self, data) -> None:
+        with self.fig.batch_update():
+            self._draw(data)
+        self.renders += 1
+        self.note.value = self._note(data)
+
+    def _error(self, e: BaseException) -> None:
+        self.note.value = f"<span class='dinf-error'>{type(e).__name__}: {e}</span>"
+
+    def _note(self, data) -> str:
+        return ""
+
+    def _setup(self) -> None: ...
+    def _compute(self): ...
+    def _draw(self, data) -> None: ...
+
+
+class ScoreDistribution(_View):
+    """Histogram of all training scores; the top-k proponents and opponents marked below it."""
+
+    channel = "dist"
+
+    def _setup(self):
+        self.fig.add_bar(name="all training images", marker_color=GREY, hoverinfo="x+y")
+        self.fig.add_scatter(name="top-k proponents", mode="markers", marker=dict(color=PRO, symbol="triangle-up", size=9))
+        self.fig.add_scatter(name="top-k opponents", mode="markers", marker=dict(color=OPP, symbol="triangle-up", size=9))
+        self.fig.update_layout(title="Score distribution (positive: proponent, negative: opponent)",
+                               xaxis_title="score", yaxis_title="training images", bargap=0.02)
+
+    def _compute(self):
+        r = self.session.result
+        s = r.all_scores if r.all_scores is not None else self.session.scores()
+        counts, edges = np.histogram(s, bins=60)
+        return r, counts, edges
+
+    def _draw(self, data):
+        r, counts, edges = data
+        centres = (edges[:-1] + edges[1:]) / 2
+        self.fig.data[0].update(x=centres, y=counts, width=np.diff(edges))
+        self.fig.data[1].update(x=[i.score for i in r.proponents], y=[0] * len(r.proponents),
+                                text=[f"#{i.id}" for i in r.proponents])
+        self.fig.data[2].update(x=[i.score for i in r.opponents], y=[0] * len(r.opponents),
+                                text=[f"#{i.id}" for i in r.opponents])
+
+    def _note(self, data):
+        r, counts, _ = data
+        return f"<small>{int(counts.sum())} training images · damping {r.damping:.3g} · {r.method}</small>"
+
+
+class RankStability(_View):
+    """Ranks of the current top-k across a damping sweep (8 decades), with the top-k overlap."""
+
+    channel = "sweep"
+    max_lines = 10
+
+    def _setup(self):
+        self.fig.update_layout(title="Rank stability across damping (current top proponents)",
+                               xaxis=dict(type="log", title="damping λ"),
+                               yaxis=dict(title="rank (1 = strongest proponent)", type="log", autorange="reversed"),
+                               yaxis2=dict(title="top-k overlap", overlaying="y", side="right", range=[0, 1.05]))
+
+    def _compute(self):
+        return self.session.damping_sweep()
+
+    def _draw(self, sw):
+        traces = []
+        for n, tid in enumerate(sw.ids[: self.max_lines]):
+            traces.append(go.Scatter(x=sw.dampings, y=sw.ranks[:, n], mode="lines+markers", name=f"#{int(tid)}",
+                                     line=dict(width=1.5), marker=dict(size=4)))
+        traces.append(go.Scatter(x=sw.dampings, y=sw.overlap, mode="lines", name="top-k overlap", yaxis="y2",
+                                 line=dict(color="black", dash="dash")))
+        self.fig.data = []
+        self.fig.add_traces(traces)
+        self.fig.layout.shapes = [dict(type="line", xref="x", yref="paper", x0=sw.reference_damping,
+                                       x1=sw.reference_damping, y0=0, y1=1, line=dict(color="#f0a202", width=2))]
+
+    def _note(self, sw):
+        return (f"<small>orange line: current damping {sw.reference_damping:.3g}; "
+                f"min top-{len(sw.ids)} overlap over the sweep {sw.overlap.min():.2f}</small>")
+
+
+class BandProfile(_View):
+    """Per-timestep-band contributions of the top influences (stacked; the stack sums to the score)."""
+
+    channel = "bands"
+
+    def _setup(self):
+        self.fig.update_layout(title="Timestep-band profile of the top influences", barmode="relative",
+                               xaxis_title="training image (P = proponent, O = opponent)", yaxis_title="score")
+
+    def _compute(self):
+        r = self.session.result
+        top = [*r.proponents[:10], *r.opponents[:10]]
+        bands, ids, prof = self.session.band_profile([i.id for i in top])
+        return r, top, bands, prof
+
+    def _draw(self, data):
+        r, top, bands, prof = data
+        x = [f"{'P' if i.role == 'proponent' else 'O'}{i.rank} #{i.id}" for i in top]
+        traces = [go.Bar(x=x, y=prof[b], name=f"t ∈ [{lo}, {hi})") for b, (lo, hi) in enumerate(bands)]
+        traces.append(go.Scatter(x=x, y=[i.score for i in top], mode="markers", name="total score",
+                                 marker=dict(color="black", symbol="diamond", size=7)))
+        self.fig.data = []
+        self.fig.add_traces(traces)
+
+    def _note(self, data):
+        r, top, bands, prof = data
+        if not bands:
+            return "<small>this backend has no timestep bands</small>"
+        return "<small>contributions computed over all timesteps; each stack sums to the score (black diamond)</small>"
+
+
+class GradientMap(_View):
+    """2-D map of the projected training gradients; the query's top-k highlighted; click selects in the gallery."""
+
+    channel = "map"
+
+    def __init__(self, session: AttributionSession, on_select: Callable[[int], None] | None = None, **kwargs):
+        self.on_select = on_select
+        self.selected: int | None = None
+        super().__init__(session, **kwargs)
+
+    def _setup(self):
+        self.fig.update_layout(title="Projected training gradients (2-D); click a point to show it in the gallery",
+                               xaxis_title="component 1", yaxis_title="component 2", clickmode="event",
+                               hovermode="closest")
+        self._base_ready = False
+        for name, colour, size, sym in (("training images", GREY, 5, "circle"), ("top-k proponents", PRO, 10, "circle"),
+                                        ("top-k opponents", OPP, 10, "circle"), ("selected", "#f0a202", 16, "star")):
+            self.fig.add_scatter(name=name, mode="markers", marker=dict(color=colour, size=size, symbol=sym),
+                                   hovertemplate="training image %{customdata}<extra></extra>")
+        for tr in self.fig.data:
+            tr.on_click(self._clicked)
+
+    def _compute(self):
+        xy = self.session.map_2d()
+        r = self.session.result
+        return xy, r
+
+    def _draw(self, data):
+        xy, r = data
+        ids = np.asarray(self.session.backend.train_ids)
+        if not self._base_ready:
+            self.fig.data[0].update(x=xy[:, 0], y=xy[:, 1], customdata=ids)
+            self._base_ready = True
+        for tr, lst in ((self.fig.data[1], r.proponents), (self.fig.data[2], r.opponents)):
+            pos = self.session.train_position([i.id for i in lst])
+            tr.update(x=xy[pos, 0], y=xy[pos, 1], customdata=[i.id for i in lst])
+        self._draw_selected(xy)
+
+    def _draw_selected(self, xy=None):
+        xy = self.session.map_2d() if xy is None else xy
+        if self.selected is None:
+            self.fig.data[3].update(x=[], y=[], customdata=[])
+        else:
+            p = self.session.train_position([self.selected])
+            self.fig.data[3].update(x=xy[p, 0], y=xy[p, 1], customdata=[self.selected])
+
+    def select(self, train_id: int | None) -> None:
+        """Highlight a training image (called when the gallery selection changes)."""
+        self.selected = None if train_id is None or train_id < 0 else int(train_id)
+        if self._base_ready:
+            self._draw_selected()
+
+    def _clicked(self, trace, points, selector):
+        if not points.point_inds:
+            return
+        tid = int(trace.customdata[points.point_inds[0]])
+        self.select(tid)
+        if self.on_select is not None:
+            self.on_select(tid)

@@ -1,0 +1,183 @@
+"""Widget state logic and messages, pure Python (no kernel, no browser).
+
+Outside a kernel widgets get a dummy comm: ``w.set_state({...})`` does what a front-end update does, and patching
+``w.comm.send`` captures the messages (and binary buffers) that would go to the browser.
+"""
+import json
+import math
+import re
+from html import unescape
+
+import pytest
+from ipywidgets.widgets.widget import _remove_buffers
+
+from diffinfluence_widgets.session import AttributionSession
+from diffinfluence_widgets.widgets import (Controls, ExportPanel, GradientMap, InfluenceExplorer, InfluenceGallery,
+                                           QueryPicker)
+from diffinfluence_widgets.widgets._standin import StandInBackend
+
+
+@pytest.fixture
+def session():
+    return AttributionSession(StandInBackend(num_train=300), threaded=False)
+
+
+def capture(widget):
+    sent = []
+    widget.comm.send = lambda data=None, buffers=None, **kw: sent.append((data, buffers or []))
+    return sent
+
+
+def test_gallery_shows_session_result_with_binary_thumbnails(session):
+    g = InfluenceGallery(session, page_size=4)
+    r = session.result
+    assert [d["id"] for d in g.proponents] == [i.id for i in r.proponents[:4]]
+    assert [d["score"] for d in g.proponents] == [i.score for i in r.proponents[:4]]
+    assert [float(d["score_text"]) for d in g.opponents] == [i.score for i in r.opponents[:4]]
+    assert g.num_pages == math.ceil(session.k / 4) and g.request_id == r.request_id
+    assert "Positive score" in g.sign_text and "opponent" in g.sign_text.lower()
+    state, paths, buffers = _remove_buffers(g.get_state())
+    assert ["proponent_thumbs", 0] in paths and ["opponent_thumbs", 3] in paths
+    thumbs = [bytes(b) for p, b in zip(paths, buffers) if p[0].endswith("_thumbs")]
+    assert len(thumbs) == 8 and all(t.startswith(b"\x89PNG") for t in thumbs)
+    data = {k: v for k, v in state.items() if k not in ("_esm", "_css")}  # the JS source mentions base64
+    assert "base64" not in json.dumps(data) and "iVBOR" not in json.dumps(data)
+
+
+def test_damping_change_sends_one_message_with_png_buffers(session):
+    g = InfluenceGallery(session, page_size=6)
+    sent = capture(g)
+    v0 = g.version
+    session.damping = 0.5
+    assert g.version == v0 + 1
+    # hold_sync: the page content, totals, caption and version travel in one update message
+    updates = [d for d, _ in sent if d.get("method") == "update" and "version" in d["state"]]
+    assert len(updates) == 1
+    data, bufs = next((d, b) for d, b in sent if d.get("method") == "update" and "version" in d["state"])
+    assert {"proponents", "opponents", "request_id", "caption"} <= set(data["state"])
+    assert all(bytes(b).startswith(b"\x89PNG") for b in bufs) and len(bufs) >= 6
+    assert "damping 0.5" in data["state"]["caption"]
+    assert sum(len(b) for b in bufs) + len(json.dumps(data)) < 10_000_000
+
+
+def test_gallery_pagination_from_front_end(session):
+    session.k = 30
+    g = InfluenceGallery(session, page_size=12)
+    assert g.num_pages == 3
+    sent = capture(g)
+    g.set_state({"page": 2})  # what the "next" button does
+    assert [d["id"] for d in g.proponents] == [i.id for i in session.result.proponents[24:30]]
+    assert sent and sent[-1][0]["state"]["version"] == g.version
+    assert [d["rank"] for d in g.proponents][0] == 25
+    # a new result goes back to the first page
+    session.damping = 2.0
+    assert g.page == 0 and g.proponents[0]["rank"] == 1
+
+
+def test_gallery_selection_and_map_link(session):
+    g = InfluenceGallery(session)
+    target = session.result.proponents[3].id
+    g.set_state({"selected_id": target})  # a click in the gallery
+    assert g.selected_thumb.startswith(b"\x89PNG") and "proponent #4" in g.selected_text
+    # a click on the 2-D map selects an image that may not be listed at all
+    m = GradientMap(session, on_select=g.select)
+    listed = {i.id for i in [*session.result.proponents, *session.result.opponents]}
+    other = next(int(i) for i in session.backend.train_ids if int(i) not in listed)
+
+    class Pts:
+        point_inds = [int(session.train_position([other])[0])]
+    m._clicked(m.fig.data[0], Pts(), None)
+    assert g.selected_id == other and "not in the top" in g.selected_text
+    assert list(m.fig.data[3].customdata) == [other]
+
+
+def test_gallery_shows_errors():
+    b = StandInBackend(num_train=200, fail_query=201)
+    s = AttributionSession(b, threaded=False)
+    g = InfluenceGallery(s)
+    s.query_id = 201
+    assert "stand-in failure" in g.error and not g.busy
+
+
+def test_static_gallery_for_compare(session):
+    g = InfluenceGallery(None)
+    assert g.proponents == [] and g.num_pages == 0
+    g.show(session.result, session=session)
+    assert len(g.proponents) == session.k
+
+
+def test_query_picker_select_and_generate(session):
+    p = QueryPicker(session, page_size=5)
+    qs = session.queries
+    assert p.num_pages == math.ceil(len(qs) / 5)
+    assert [d["id"] for d in p.items] == [q.id for q in qs[:5]] and len(p.thumbs) == 5
+    assert all(t.startswith(b"\x89PNG") for t in p.thumbs)
+    p.set_state({"selected": qs[2].id})
+    assert session.query_id == qs[2].id and session.result.query_id == qs[2].id
+    # "generate new" arrives as a custom message; the answer comes back through traits
+    p._on_msg(p, {"type": "generate", "seed": 77, "request_id": 3}, [])
+    assert session.query_id == 100_077 and session.result.query_id == 100_077
+    assert p.selected == 100_077 and not p.generating and "seed 77" in p.message and p.seed == 78
+    assert any(d["id"] == 100_077 for d in p.items)  # its page is shown
+    p._on_msg(p, {"type": "generate", "seed": -1}, [])
+    assert "≥ 0" in p.message
+
+
+def test_controls_two_way(session):
+    c = Controls(session)
+    c.damping.value = 10 ** -2.5  # slider drag (continuous_update=True)
+    assert session.damping == pytest.approx(10 ** -2.5) and session.result.damping == session.damping
+    c.measurement.value = "square_norm"
+    assert session.result.measurement == "square_norm"
+    c.band.value = "250-500"
+    assert session.band == (250, 500)
+    c.band.value = "all"
+    assert session.band is None
+    c.k.value = 7
+    assert len(session.result.proponents) == 7
+    c.method.value = "trak"  # λ is not comparable across families: reset to trak's default and re-range
+    assert session.damping == session.backend.default_damping["trak"]
+    assert c.damping.min <= math.log10(session.damping) <= c.damping.max
+    assert c.damping.value == pytest.approx(session.damping)
+    session.damping = 3e-2  # session -> slider
+    assert c.damping.value == pytest.approx(3e-2)
+    session.update(method="ekfac", damping=1e-9)  # outside the slider's range: it widens
+    assert c.damping.min <= -9 and c.method.value == "ekfac"
+
+
+def test_explorer_status_and_tabs(tmp_path):
+    s = AttributionSession(StandInBackend(num_train=300), threaded=True)
+    e = InfluenceExplorer(session=s, check_backend=True)
+    s.wait()
+    for tab in range(5):
+        e.tabs.selected_index = tab
+        s.wait()
+    assert e.sweep.renders >= 1 and e.map.renders >= 1 and e.bands.renders >= 1
+    assert e.compare.last is not None and "Spearman" in e.compare.agreement.value
+    s.damping = 0.02
+    s.wait()
+    m = re.search(r"data-json='([^']*)'", e.status.value)
+    data = json.loads(unescape(m.group(1)))
+    assert data["request_id"] == s.result.request_id == e.gallery.request_id
+    assert float(data["damping"]) == 0.02
+    bs = data["backend_search"]
+    assert bs["proponent_ids"] == data["proponents"] == [d["id"] for d in e.gallery.proponents][: s.k]
+    # the inactive plots do not recompute on every damping change; the visible one does
+    e.tabs.selected_index = 0
+    s.wait()
+    r_dist, r_sweep = e.distribution.renders, e.sweep.renders
+    s.damping = 0.03
+    s.wait()
+    assert e.distribution.renders == r_dist + 1 and e.sweep.renders == r_sweep
+    e.export.folder.value = str(tmp_path)
+    for suffix in (".csv", ".json", ".html", ".png"):
+        assert e.export.export(suffix).exists()
+    assert "wrote" in e.export.message.value
+    s.close()
+
+
+def test_export_panel_reports_errors(tmp_path):
+    b = StandInBackend(num_train=200, num_heldout=0, num_generated=0)
+    s = AttributionSession(b, threaded=False)
+    x = ExportPanel(s, folder=tmp_path)
+    assert x.export(".csv") is None and "no result yet" in x.message.value
