@@ -1,1 +1,24 @@
-"""Evaluation of attributions: LDS and retraining without top influences."""
+"""Evaluation of attributions: LDS and retraining without top influences (``method.md`` §7).
+
+* :mod:`.lds` — :func:`generate_subsets`, :func:`lds` (Spearman per query between the predicted change
+  ``(1/N) Σ_{j removed} s[q, j]`` and the seed-averaged measurement, mean ± standard error over queries),
+  :func:`oracle_lds` (exact retraining), :func:`lds_targets` (retrain + measure).
+* :mod:`.retrain` — :class:`RetrainCache`: content-addressed, atomic, resumable, parallel retraining of
+  (kept ids, seed) jobs, and ground-truth measurements with common random numbers.
+* :mod:`.counterfactual` — :func:`retrain_without_top`: remove each query's top-f scored examples vs random.
+* :mod:`.baselines` — :func:`pixel_similarity`, :func:`feature_similarity` (any encoder; CLIP from local weights).
+
+Sign convention as everywhere: a positive score means removing the training example is predicted to increase
+the query's measurement.
+"""
+from .baselines import SimilarityScores, clip_image_encoder, feature_similarity, pixel_similarity
+from .counterfactual import CounterfactualResult, retrain_without_top, top_removal_ids
+from .lds import (LDSResult, Subsets, generate_subsets, lds, lds_jobs, lds_targets, oracle_lds, predicted_changes,
+                  spearman)
+from .retrain import RetrainCache, RetrainJob, model_spec_of
+
+__all__ = [
+    "LDSResult", "Subsets", "generate_subsets", "lds", "lds_jobs", "lds_targets", "oracle_lds", "predicted_changes",
+    "spearman", "RetrainCache", "RetrainJob", "model_spec_of", "CounterfactualResult", "retrain_without_top",
+    "top_removal_ids", "SimilarityScores", "pixel_similarity", "feature_similarity", "clip_image_encoder",
+]
