@@ -482,3 +482,13 @@ def test_float32_model_and_hook_gradients_match_autograd(tiny_model, name):
             full = torch.cat([gs[0].flatten(1)] + ([gs[1][:, None]] if len(gs) > 1 else []), 1)
             assert torch.isfinite(full).all()
             assert (hooked[nm][i] - full).norm() <= 1e-4 * full.norm() + 1e-8, (name, nm, i)
+
+
+def test_stratified_draws_have_uniform_marginal_so_T_times_term_is_unbiased():
+    """ELBO and trajectory_logprob scale a draw's term by the number of terms; that is unbiased because every
+    stratified draw's timestep is marginally uniform, also when S does not divide T."""
+    from diffinfluence_widgets.diffusion.draws import draw_noise
+    T, S, n = 10, 3, 4000
+    d = draw_noise(range(n), S, (1, 1, 1), T, seed=0)
+    freq = torch.bincount(d.timesteps.flatten(), minlength=T).double() / (n * S)
+    assert torch.allclose(freq, torch.full((T,), 1 / T, dtype=torch.float64), atol=0.01)
