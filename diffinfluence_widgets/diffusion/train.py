@@ -1,0 +1,279 @@
+"""Training a DDPM (ε-prediction) with an EMA of the weights, deterministic and resumable.
+
+The loss is the method's training loss (``method.md`` §1): for each image a uniform timestep t and Gaussian ε,
+``mean_pixels (ε − ε_θ(x_t, t))²``, averaged over the batch. The model returned is the **EMA** model, which is the
+one to sample from, measure and attribute (``method.md`` §9, trap 3); retrained models must be treated the same.
+
+Every random choice of step k (batch order, t, ε, dropout) comes from generators seeded by ``(seed, k)`` or
+``(seed, epoch)``, so a run resumed from a checkpoint follows exactly the path of an uninterrupted one: the step
+counter is the whole random state. Checkpoints hold the weights, the EMA, the optimizer and the step, written
+atomically.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.dataset import ImageDataset
+from .draws import example_generator
+from .model import DiffusionModel, resolve_device
+
+__all__ = ["TrainConfig", "train_model", "TrainingInterrupted", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "train_checkpoint.pt"
+_BATCH_STREAM, _NOISE_STREAM, _DROPOUT_STREAM = 101, 102, 103
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train_model`. Use the presets :meth:`demo` and :meth:`tiny` as starting points."""
+
+    steps: int = _f(3000, "optimizer steps in total")
+    batch_size: int = _f(64, "images per step (capped at the dataset size)")
+    lr: float = _f(2e-3, "peak AdamW learning rate")
+    lr_schedule: str = _f("cosine", "'constant' or 'cosine' (decays to 10% of lr) after the warm-up")
+    warmup: int = _f(100, "linear learning-rate warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    ema_decay: float = _f(0.999, "EMA decay; the effective decay is min(ema_decay, (1+k)/(10+k)) at step k")
+    grad_clip: float | None = _f(1.0, "clip the global gradient norm to this value (None: no clipping)")
+    stratified: bool = _f(True, "stratify the batch's timesteps over [0, T) (lower-variance gradient)")
+    seed: int = _f(0, "seeds batch order, timesteps, noise and dropout")
+    checkpoint_every: int = _f(500, "steps between checkpoints when a checkpoint_dir is given")
+
+    def __post_init__(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            positive_int(name)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"TrainConfig.warmup must be a non-negative integer, got {self.warmup!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r} "
+                             "(0 means no averaging: the EMA equals the raw weights)")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip must be a positive number or None, got {self.grad_clip!r}")
+
+    @classmethod
+    def demo(cls, **overrides) -> "TrainConfig":
+        """Recognisable 16×16 digits with ``demo_unet_config()`` in a few CPU minutes."""
+        return cls(**{**dict(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995,
+                             checkpoint_every=500), **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TrainConfig":
+        """Seconds on one core with ``tiny_unet_config()``: for tests."""
+        return cls(**{**dict(steps=20, batch_size=16, lr=2e-3, warmup=2, ema_decay=0.9, checkpoint_every=10),
+                      **overrides})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised when ``stop_after`` ends a run early (the checkpoint is saved first)."""
+
+
+# ---------------------------------------------------------------------- the pieces of one step
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup, 1)
+    progress = min(max(step - cfg.warmup, 0) / span, 1.0)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _batch_positions(n: int, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """Epoch-wise shuffling: each epoch is a seeded permutation; a batch may straddle two epochs."""
+    b = min(cfg.batch_size, n)
+    start = step * b
+    out, cache = [], {}
+    for pos in range(start, start + b):
+        epoch, k = divmod(pos, n)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n, generator=example_generator(cfg.seed, epoch, _BATCH_STREAM))
+        out.append(cache[epoch][k])
+    return torch.stack(out)
+
+
+def _draw_t_eps(b: int, shape, T: int, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = example_generator(cfg.seed, step, _NOISE_STREAM)
+    if cfg.stratified:
+        u = torch.rand(b, generator=g, dtype=torch.float64)
+        t = ((torch.arange(b, dtype=torch.float64) + u) * T / b).floor().long().clamp_(0, T - 1)
+        t = t[torch.randperm(b, generator=g)]
+    else:
+        t = torch.randint(0, T, (b,), generator=g)
+    return t, torch.randn((b, *shape), generator=g)
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _as_dataset(dataset) -> ImageDataset:
+    if isinstance(dataset, ImageDataset):
+        return dataset
+    if isinstance(dataset, torch.Tensor):
+        return ImageDataset(dataset, torch.arange(dataset.shape[0]), name="tensor")
+    raise TypeError(f"dataset must be an ImageDataset (use dataset.subset(ids) to train on a subset) or an "
+                    f"image tensor [N, C, H, W], got {type(dataset).__name__}")
+
+
+# ---------------------------------------------------------------------- entry point
+def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, config: TrainConfig | None = None, *,
+                device: str | torch.device | None = None, progress: bool = True,
+                checkpoint_dir: str | Path | None = None, return_raw: bool = False,
+                callback: Callable[[int, float], None] | None = None, stop_after: int | None = None,
+                ) -> DiffusionModel | tuple[DiffusionModel, DiffusionModel]:
+    """Train a copy of ``model`` on ``dataset`` and return the EMA model (``model`` itself is left untouched).
+
+    Parameters
+    ----------
+    dataset:
+        An :class:`ImageDataset` (``dataset.subset(ids)`` for retraining on a subset). Examples are ordered by
+        id internally, so the result does not depend on the order of the ids.
+    config:
+        :class:`TrainConfig`; default ``TrainConfig()``.
+    checkpoint_dir:
+        Save ``train_checkpoint.pt`` here every ``config.checkpoint_every`` steps and at the end; if a checkpoint is
+        already there (same config, data and initial model), training resumes from it and ends with the same
+        weights an uninterrupted run would have.
+    return_raw:
+        Also return the raw (non-averaged) weights: ``(ema_model, raw_model)``.
+    callback:
+        ``callback(step, loss)`` after every step (``step`` counts completed steps, from 1).
+    stop_after:
+        Stop once this many steps are done (saving a checkpoint first) by raising :class:`TrainingInterrupted`;
+        call again with the same ``checkpoint_dir`` to continue.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+    data = _as_dataset(dataset)
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    model.check_images(data.images[:1], what=f"dataset {data.name!r} images")
+    order = torch.argsort(data.ids)
+    dev = resolve_device(device)
+
+    init_fingerprint = model.fingerprint()
+    net = copy.deepcopy(model.unet).to(dev).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    work = DiffusionModel(net, model.scheduler)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images = data.images[order].to(dev, model.dtype)
+    n, T = images.shape[0], model.num_train_timesteps
+    identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
+                "dataset_fingerprint": data.fingerprint(), "init_fingerprint": init_fingerprint}
+
+    start = 0
+    ckpt_path = None
+    if checkpoint_dir is not None:
+        ckpt_dir = Path(checkpoint_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = ckpt_dir / CHECKPOINT_NAME
+        if ckpt_path.is_file():
+            state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+            for key, want in identity.items():
+                if state.get(key) != want:
+                    raise ValueError(f"checkpoint {str(ckpt_path)!r} belongs to another run ({key} differs: "
+                                     f"saved {state.get(key)!r}, now {want!r}); use another checkpoint_dir")
+            net.load_state_dict(state["unet"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+
+    def save(step: int) -> None:
+        if ckpt_path is not None:
+            _atomic_save({**identity, "step": step, "unet": net.state_dict(), "ema": ema.state_dict(),
+                          "optimizer": opt.state_dict(), "version": 1}, ckpt_path)
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    smooth = None
+    # dropout uses the global generator: seed it per step (so resuming is exact) without disturbing the caller
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
+        for step in range(start, cfg.steps):
+            torch.manual_seed((cfg.seed * 1_000_003 + step * 7919 + _DROPOUT_STREAM) % (2**63 - 1))
+            pos = _batch_positions(n, cfg, step).to(dev)
+            t, eps = _draw_t_eps(pos.numel(), images.shape[1:], T, cfg, step)
+            t, eps = t.to(dev), eps.to(dev, images.dtype)
+            x0 = images[pos]
+            x_t = work.add_noise(x0, eps, t)
+            loss = (work.predict_noise(x_t, t) - eps).pow(2).flatten(1).mean(1).mean()
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            done = step + 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {done}; lower TrainConfig.lr "
+                                         f"(now {cfg.lr}) or set grad_clip")
+            smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
+                save(done)
+            if callback is not None:
+                callback(done, value)
+            if stop_after is not None and done >= stop_after and done < cfg.steps:
+                bar.close()
+                raise TrainingInterrupted(f"stopped after step {done} of {cfg.steps} (stop_after={stop_after})"
+                                          + (f"; resume from {str(ckpt_path)!r}" if ckpt_path else ""))
+    bar.close()
+
+    # parameters stay differentiable: gradients w.r.t. the EMA weights are what influence needs
+    ema_model = DiffusionModel(ema.eval().requires_grad_(True), copy.deepcopy(model.scheduler))
+    if return_raw:
+        return ema_model, DiffusionModel(net.eval(), copy.deepcopy(model.scheduler))
+    return ema_model
