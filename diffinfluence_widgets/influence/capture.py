@@ -88,6 +88,8 @@ class LayerCapture:
 
     layers: dict[str, nn.Module]
     freeze_parameters: bool = True
+    #: freeze every parameter of this module (e.g. the whole UNet, norms included), not only the tracked layers'
+    root: nn.Module | None = None
     records: dict[str, list[CallRecord]] = field(default_factory=dict)
     _handles: list = field(default_factory=list, repr=False)
     _frozen: list = field(default_factory=list, repr=False)
@@ -116,10 +118,11 @@ class LayerCapture:
     def __enter__(self) -> "LayerCapture":
         self.clear()
         if self.freeze_parameters:
-            for m in self.layers.values():
-                for p in m.parameters(recurse=False):
-                    self._frozen.append((p, p.requires_grad))
-                    p.requires_grad_(False)
+            params = (self.root.parameters() if self.root is not None else
+                      (p for m in self.layers.values() for p in m.parameters(recurse=False)))
+            for p in params:
+                self._frozen.append((p, p.requires_grad))
+                p.requires_grad_(False)
         for name, m in self.layers.items():
             self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._make_forward_hook(name)))

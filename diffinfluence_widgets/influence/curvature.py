@@ -104,6 +104,8 @@ class FactorProblem:
     layers: dict[str, nn.Module]
     batches: Callable[[], Iterator[Callable[[], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]]]
     num_batches: int | None = None
+    #: the whole network, so that all of its parameters (not only the tracked ones) are frozen during passes
+    root: nn.Module | None = None
 
 
 def _diffusion_problem(model: DiffusionModel, images: torch.Tensor, ids: torch.Tensor, *, num_draws: int,
@@ -134,7 +136,7 @@ def _diffusion_problem(model: DiffusionModel, images: torch.Tensor, ids: torch.T
                 yield forward
 
     return FactorProblem(tracked_layers(model.unet), batches,
-                         num_batches=-(-images.shape[0] // batch_size) * n_chunks)
+                         num_batches=-(-images.shape[0] // batch_size) * n_chunks, root=model.unet)
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -170,7 +172,7 @@ def _run_pass(problem: FactorProblem, fisher: str, consume: Callable[[LayerCaptu
     """Iterate the problem's batches; for each cotangent call ``consume(capture, rows, first_cotangent)``."""
     done = int(state.get("batches_done", 0)) if state else 0
     bar = tqdm(total=problem.num_batches, initial=done, desc=desc, unit="batch", disable=not progress)
-    with LayerCapture(problem.layers) as cap:
+    with LayerCapture(problem.layers, root=problem.root) as cap:
         for i, forward in enumerate(problem.batches()):
             if i < done:
                 continue

@@ -56,8 +56,11 @@ class LayerGradients:
         return list(self.layers)
 
     def flat(self) -> torch.Tensor:
-        """``[B, P]``: all layers concatenated in order (each matrix flattened row-major)."""
-        return torch.cat([g.flatten(1) for g in self.layers.values()], dim=1)
+        """``[B, P]``: all layers concatenated in order (each matrix flattened row-major).
+
+        Layer tensors with extra leading dims (e.g. ``[num_bands, B, d_out, d_in]``) give ``[..., B, P]``.
+        """
+        return torch.cat([g.flatten(-2) for g in self.layers.values()], dim=-1)
 
     def band_flat(self) -> torch.Tensor:
         """``[num_bands, B, P]``."""
@@ -125,7 +128,9 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
         raise ValueError(f"measurement {meas.name!r} does not average over timesteps; bands are not defined for it")
     if int(batch_size) < 1 or int(max_rows) < 1:
         raise ValueError(f"batch_size and max_rows must be positive, got {batch_size!r}, {max_rows!r}")
-    S = int(num_draws or DEFAULT_GRADIENT_DRAWS)
+    S = DEFAULT_GRADIENT_DRAWS if num_draws is None else int(num_draws)
+    if S < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
     dev = resolve_device(device) if device is not None else model.device
     model.to(dev)
     dt = dtype or model.dtype
@@ -136,20 +141,21 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
     parts: list[LayerGradients] = []
     n = images.shape[0]
     bar = tqdm(total=n, desc=f"gradients ({meas.name})", unit="img", disable=not progress, leave=False)
-    with frozen_eval(model.unet), LayerCapture(layers) as cap:
+    with frozen_eval(model.unet), LayerCapture(layers, root=model.unet) as cap:
         for lo in range(0, n, int(batch_size)):
             sl = slice(lo, min(n, lo + int(batch_size)))
             x = images[sl].to(dev, dt)
             B = x.shape[0]
-            draws = meas.draws(model, ids_t[sl], S, seed)
             traj = trajectory.select(sl).to(dev, dt) if trajectory is not None else None
+            draws = meas.draws(model, ids_t[sl], S, seed, trajectory=traj)
+            S_eff = draws.num_draws  # a trajectory measurement may use fewer draws than asked (one per step)
             acc = {name: torch.zeros(B, *layer_shape(m), device=dev, dtype=dt) for name, m in layers.items()}
             acc_b = None
             if band_list is not None:
                 acc_b = {name: torch.zeros(len(band_list), B, *layer_shape(m), device=dev, dtype=dt)
                          for name, m in layers.items()}
-            chunk = max(1, min(S, int(max_rows) // B))
-            for s0 in range(0, S, chunk):
+            chunk = max(1, min(S_eff, int(max_rows) // B))
+            for s0 in range(0, S_eff, chunk):
                 d = draws.select_draws(slice(s0, s0 + chunk)).to(dev, dt)
                 cap.clear()
                 with torch.enable_grad():
@@ -157,7 +163,7 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
                     if vals.shape != (B, d.num_draws):
                         raise RuntimeError(f"measurement {meas.name!r} returned {tuple(vals.shape)}, "
                                            f"expected {(B, d.num_draws)}")
-                    (vals.sum() / S).backward()
+                    (vals.sum() / S_eff).backward()
                 masks = None
                 if band_list is not None:
                     masks = band_masks(meas.draw_timesteps(d, traj).to(dev), band_list).to(dt)  # [nb, B, s]

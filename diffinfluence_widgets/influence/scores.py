@@ -1,0 +1,187 @@
+"""Influence score matrices ``s[q, j] = ∇m(θ, x′_q)ᵀ (G + λI)⁻¹ ∇ℓ(θ, x_j)`` (method §2).
+
+Sign convention: a **positive** score means that removing training example j is predicted to **increase** the
+query's measurement m (for the loss: the query becomes less likely, j *supports* it — a proponent). The
+predicted change of m when a set J of training examples is removed is ``(1/N) Σ_{j∈J} s[q, j]``
+(:meth:`Scores.predicted_change`). Matrices are ``[num_queries, num_train]`` and carry the ids of both sides, so a
+row keeps meaning the same query across save / load (method trap 6).
+
+Only the query side is preconditioned: the query gradient is rotated into the (E)K-FAC eigenbasis once, divided by
+``eigenvalues + λ`` for each damping, rotated back, and dotted with the raw training-loss gradients, which are
+streamed in batches and never stored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..diffusion.model import DiffusionModel
+from ..measurements import Measurement, Trajectory, get_measurement
+from .curvature import DEFAULT_DAMPING, Curvature, _atomic_write, check_damping
+from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
+
+__all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
+
+SIGN_CONVENTION = ("s[q, j] > 0: removing training example j is predicted to increase the query's measurement "
+                   "(for the loss: j supports the query, a proponent); s[q, j] < 0: an opponent.")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Scores:
+    """A score matrix with its ids and provenance.
+
+    ``matrix`` ``[Q, N]`` float64; ``band_matrix`` ``[num_bands, Q, N]`` (optional) sums to ``matrix``.
+    """
+
+    matrix: torch.Tensor
+    query_ids: torch.Tensor
+    train_ids: torch.Tensor
+    band_matrix: torch.Tensor | None = None
+    bands: list[tuple[int, int]] | None = None
+    settings: dict = field(default_factory=dict)
+    model_fingerprint: str = ""
+    dataset_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        q, n = self.query_ids.numel(), self.train_ids.numel()
+        if tuple(self.matrix.shape) != (q, n):
+            raise ValueError(f"score matrix {tuple(self.matrix.shape)} does not match {q} queries × {n} train ids")
+
+    def row(self, query_id: int) -> torch.Tensor:
+        hits = (self.query_ids == int(query_id)).nonzero()
+        if hits.numel() == 0:
+            raise KeyError(f"query id {query_id} is not in these scores (have {self.query_ids.tolist()[:10]}...)")
+        return self.matrix[int(hits[0])]
+
+    def predicted_change(self, removed_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``[Q]`` predicted change of each query's measurement when the given training ids are removed."""
+        removed = torch.as_tensor(list(removed_ids) if not isinstance(removed_ids, torch.Tensor) else removed_ids,
+                                  dtype=torch.long)
+        mask = torch.isin(self.train_ids, removed)
+        missing = removed[~torch.isin(removed, self.train_ids)]
+        if missing.numel():
+            raise KeyError(f"training ids {missing.tolist()[:5]} are not in these scores")
+        return self.matrix[:, mask].sum(1) / self.train_ids.numel()
+
+    def top_k(self, query_id: int, k: int = 10, opponents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training ids and scores of the k strongest proponents (or opponents) of a query."""
+        r = self.row(query_id)
+        vals, idx = torch.topk(-r if opponents else r, min(int(k), r.numel()))
+        return self.train_ids[idx], (-vals if opponents else vals)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        t = {"matrix": self.matrix.double().cpu().contiguous(), "query_ids": self.query_ids.cpu().contiguous(),
+             "train_ids": self.train_ids.cpu().contiguous()}
+        if self.band_matrix is not None:
+            t["band_matrix"] = self.band_matrix.double().cpu().contiguous()
+        _atomic_write(p / "scores.safetensors", lambda tmp: save_file(t, tmp))
+        man = {"format": "diffinfluence-scores", "version": FORMAT_VERSION, "settings": self.settings,
+               "bands": self.bands, "model_fingerprint": self.model_fingerprint,
+               "dataset_fingerprint": self.dataset_fingerprint, "sign_convention": SIGN_CONVENTION}
+        body = json.dumps(man, indent=2, sort_keys=True)
+        _atomic_write(p / "manifest.json", lambda tmp: Path(tmp).write_text(body))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: DiffusionModel | None = None, dataset=None,
+             expect: dict | None = None) -> "Scores":
+        p = Path(path)
+        if not (p / "manifest.json").is_file() or not (p / "scores.safetensors").is_file():
+            raise FileNotFoundError(f"no saved scores in {str(p)!r} (expected manifest.json and scores.safetensors)")
+        man = json.loads((p / "manifest.json").read_text())
+        if man.get("format") != "diffinfluence-scores":
+            raise ValueError(f"{p / 'manifest.json'} is not a diffinfluence scores manifest")
+        if model is not None and man["model_fingerprint"] != model.fingerprint():
+            raise ValueError(f"scores in {str(p)!r} were computed for model {man['model_fingerprint']}, not for the "
+                             f"given model {model.fingerprint()}")
+        if dataset is not None and man["dataset_fingerprint"] != dataset.fingerprint():
+            raise ValueError(f"scores in {str(p)!r} were computed on dataset {man['dataset_fingerprint']}, not on "
+                             f"the given dataset {dataset.fingerprint()}")
+        for k, v in (expect or {}).items():
+            if man["settings"].get(k) != v:
+                raise ValueError(f"scores in {str(p)!r} have {k}={man['settings'].get(k)!r}, expected {v!r}")
+        t = load_file(str(p / "scores.safetensors"))
+        bands = [tuple(b) for b in man["bands"]] if man.get("bands") else None
+        return cls(t["matrix"], t["query_ids"], t["train_ids"], t.get("band_matrix"), bands, man["settings"],
+                   man["model_fingerprint"], man["dataset_fingerprint"])
+
+
+def preconditioned_query_gradients(curvature: Curvature | None, grads: LayerGradients,
+                                   dampings: Sequence[float]) -> list[torch.Tensor]:
+    """For each λ: ``[Q, P]`` (or ``[num_bands, Q, P]`` for band gradients) flat ``(G + λI)⁻¹ ∇m``.
+
+    ``curvature=None`` is the identity (a plain gradient dot product).
+    """
+    lams = [check_damping(d) for d in dampings]
+    if curvature is None:
+        return [grads.flat() for _ in lams]
+    rotated = curvature.rotate(grads)
+    out = []
+    for lam in lams:
+        pre = curvature.unrotate(curvature.precondition_rotated(rotated, lam))
+        out.append(pre.flat())
+    return out
+
+
+def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_images: torch.Tensor,
+                   query_ids: Sequence[int] | torch.Tensor, train, *, measurement: str | Measurement = "loss",
+                   damping: float | Sequence[float] = DEFAULT_DAMPING, num_draws: int | None = None,
+                   train_num_draws: int | None = None, seed: int = 0, train_seed: int | None = None,
+                   trajectory: Trajectory | None = None, bands: Sequence[tuple[int, int]] | None = None,
+                   train_measurement: str | Measurement = "loss", batch_size: int = 32, max_rows: int = 512,
+                   device=None, dtype: torch.dtype | None = None,
+                   progress: bool = True) -> Scores | list[Scores]:
+    """Influence of every training example (``train``: ``.images``, ``.ids``) on each query's measurement.
+
+    ``damping`` may be a list: the query side is rotated once and every λ is a cheap division, and the training
+    gradients are computed once for all of them (a list of :class:`Scores` is returned). ``train_measurement``
+    stays ``"loss"`` for the method; D-TRAK-style variants pass ``"square_norm"``. ``curvature=None`` scores with
+    the identity (a plain gradient dot product).
+    """
+    meas = get_measurement(measurement)
+    single = isinstance(damping, (int, float))
+    lams = [check_damping(d) for d in ([damping] if single else damping)]
+    if curvature is not None and curvature.model_fingerprint and curvature.model_fingerprint != model.fingerprint():
+        raise ValueError(f"curvature was fitted for model {curvature.model_fingerprint}, not for this model "
+                         f"({model.fingerprint()})")
+    qg = per_example_gradients(model, query_images, query_ids, meas, num_draws=num_draws, seed=seed,
+                               batch_size=batch_size, max_rows=max_rows, trajectory=trajectory, bands=bands,
+                               device=device, dtype=dtype, progress=progress)
+    pre_total = preconditioned_query_gradients(curvature, qg, lams)
+    pre_bands = None
+    if bands is not None:
+        band_view = LayerGradients(qg.band_layers, qg.ids)
+        pre_bands = preconditioned_query_gradients(curvature, band_view, lams)  # each [nb, Q, P]
+    blocks, band_blocks, tids = [], [], []
+    for tg in iter_gradients(model, train, measurement=train_measurement, num_draws=train_num_draws,
+                             seed=seed if train_seed is None else train_seed, batch_size=batch_size,
+                             max_rows=max_rows, device=device, dtype=dtype, progress=progress):
+        flat = tg.flat()
+        blocks.append(torch.stack([(p.to(flat) @ flat.T).double().cpu() for p in pre_total]))  # [L, Q, B]
+        if pre_bands is not None:
+            band_blocks.append(torch.stack([(p.to(flat) @ flat.T).double().cpu() for p in pre_bands]))
+        tids.append(tg.ids)
+    train_ids = torch.cat(tids) if tids else torch.zeros(0, dtype=torch.long)
+    mats = torch.cat(blocks, dim=-1) if blocks else torch.zeros(len(lams), qg.ids.numel(), 0, dtype=torch.float64)
+    band_mats = torch.cat(band_blocks, dim=-1) if band_blocks else None
+    out = []
+    for i, lam in enumerate(lams):
+        settings = {"measurement": meas.name, "train_measurement": get_measurement(train_measurement).name,
+                    "damping": lam, "num_draws": qg.meta["num_draws"],
+                    "train_num_draws": int(train_num_draws or DEFAULT_GRADIENT_DRAWS), "seed": int(seed),
+                    "train_seed": int(seed if train_seed is None else train_seed),
+                    "curvature": dict(curvature.settings) if curvature is not None else {"method": "identity"}}
+        out.append(Scores(mats[i], qg.ids.clone(), train_ids, None if band_mats is None else band_mats[i],
+                          [tuple(b) for b in bands] if bands is not None else None, settings, model.fingerprint(),
+                          train.fingerprint() if hasattr(train, "fingerprint") else ""))
+    return out[0] if single else out
