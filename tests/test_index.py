@@ -276,3 +276,125 @@ def test_eigen_store_is_unbiased_and_more_accurate_at_small_damping():
         # unbiased: the mean over projection seeds approaches the exact scores
         assert float((mean[space] - exact).pow(2).mean().sqrt()) < 3 * err[space] / np.sqrt(12)
     assert err["eigen"] < 0.3 * err["parameter"], err
+
+
+# ------------------------------------------------------------------------------------------------ the backend
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from diffinfluence_widgets.data import load_digits
+    from diffinfluence_widgets.diffusion.model import DiffusionModel, tiny_unet_config
+    from diffinfluence_widgets.influence.curvature import fit_curvature
+
+    train = load_digits(size=8, split="train", limit=24)
+    held = load_digits(size=8, split="heldout", limit=2)
+    model = DiffusionModel.from_config(tiny_unet_config(8), seed=0)
+    curv = fit_curvature(model, train, num_draws=4, progress=False)
+    return model, train, held, curv, tmp_path_factory.mktemp("backend")
+
+
+def _backend(tiny_setup, **kw):
+    from diffinfluence_widgets.index import IndexBackend
+
+    model, train, held, curv, cache = tiny_setup
+    args = dict(k=64, k_b=8, k_a=8, num_draws=4, query_num_draws=4, num_generated=1, shard_size=10,
+                progress=False)
+    args.update(kw)
+    return IndexBackend.build(model, train, held, curv, cache, **args)
+
+
+@pytest.mark.parametrize("space", ["eigen", "parameter"])
+def test_backend_damping_change_equals_from_scratch(tiny_setup, space):
+    from diffinfluence_widgets.backend import InfluenceBackend
+    from diffinfluence_widgets.index import GENERATED_ID_BASE
+
+    model, train, held, curv, _ = tiny_setup
+    b = _backend(tiny_setup, space=space, methods=("ekfac", "kfac", "trak"))
+    assert isinstance(b, InfluenceBackend)
+    assert {q.kind for q in b.queries()} == {"heldout", "generated"}
+    assert GENERATED_ID_BASE in {q.id for q in b.queries()}
+    qid = int(held.ids[0])
+    feats = b.stores["loss"].arrays["eigen" if space == "eigen" else "features"].astype(np.float64)
+    g = b.query_gradients(qid, "loss")
+    g.layers = {n: g.band_layers[n].double().sum(0) for n in g.layers}  # the backend's whole = Σ bands
+    for method in ("ekfac", "kfac"):
+        p = b.prepare(qid, "loss", method)
+        for damping in (1e-2, 1e-8, 3e-5):  # each λ after others: only the query side changes
+            fast = b.scores(p, damping)
+            if method == "kfac":
+                lam = {n: torch.outer(curv.lambda_b[n], curv.lambda_a[n]) for n in curv.layer_names}
+                rot = curv.rotate({n: g.layers[n].double() for n in curv.layer_names})
+                pre = curv.unrotate({n: rot[n] / (lam[n] + damping) for n in curv.layer_names})
+            else:
+                pre = curv.precondition({n: g.layers[n].double() for n in curv.layer_names}, damping)
+            if space == "eigen":
+                rot = curv.rotate(pre)
+                x = {n: rot[n] * (curv.eigenvalues[n].double() + b.whiten_damping).sqrt() for n in rot}
+            else:
+                x = pre
+            slow = feats @ b.projector.project(x)[0].double().numpy()
+            assert np.allclose(fast, slow, rtol=1e-5, atol=1e-7 * np.abs(slow).max()), (method, damping)
+            # search = exact top-k of these scores (flat index)
+            r = b.search(p, damping, 5)
+            order = np.argsort(-fast)
+            assert set(r.proponent_ids) == set(b.train_ids[order[:5]])
+            assert set(r.opponent_ids) == set(b.train_ids[order[::-1][:5]])
+            assert np.allclose(r.proponent_scores, fast[order[:5]], rtol=1e-4, atol=1e-6 * np.abs(fast).max())
+            # per-band contributions sum to the scores
+            prof = b.band_profile(p, damping, r.proponent_ids)
+            assert prof.shape == (len(b.bands), 5)
+            assert np.allclose(prof.sum(0), fast[order[:5]], rtol=1e-4, atol=1e-6 * np.abs(fast).max())
+    # the curvature is never modified by damping changes
+    assert all(torch.isfinite(curv.eigenvalues[n]).all() for n in curv.layer_names)
+
+
+def test_backend_exact_rescoring_uses_full_gradients(tiny_setup):
+    from diffinfluence_widgets.influence.gradients import per_example_gradients
+
+    model, train, held, curv, _ = tiny_setup
+    b = _backend(tiny_setup, methods=("ekfac",), rescore_candidates=8)
+    qid = int(held.ids[1])
+    p = b.prepare(qid, "loss", "ekfac")
+    r = b.search(p, 1e-4, 3)
+    assert r.exact
+    g = b.query_gradients(qid, "loss")
+    g.layers = {n: g.band_layers[n].double().sum(0) for n in g.layers}
+    pre = curv.precondition({n: g.layers[n].double() for n in curv.layer_names}, 1e-4)
+    ids = list(r.proponent_ids) + list(r.opponent_ids)
+    pos = [int(np.nonzero(b.train_ids == i)[0][0]) for i in ids]
+    gt = per_example_gradients(model, train.images[pos], ids, "loss", num_draws=4, seed=0)
+    exact = sum((pre[n][0] * gt.layers[n].double()).flatten(1).sum(1) for n in curv.layer_names).numpy()
+    assert np.allclose(np.concatenate([r.proponent_scores, r.opponent_scores]), exact, rtol=1e-4)
+    assert np.all(np.diff(r.proponent_scores) <= 0) and np.all(np.diff(r.opponent_scores) >= 0)
+
+
+def test_backend_trak_family_matches_closed_form_and_reuses_stores(tiny_setup, monkeypatch):
+    import diffinfluence_widgets.influence.gradients as grads
+
+    model, train, held, curv, _ = tiny_setup
+    b = _backend(tiny_setup, methods=("ekfac", "trak", "dtrak", "journey_trak"))
+    gen = b.queries()[-1]
+    assert gen.kind == "generated"
+    for method, meas, store in (("trak", "loss", "loss"), ("dtrak", "square_norm", "square_norm")):
+        phi_train = b.stores[store].arrays["features"].astype(np.float64)
+        lam = b.default_damping[method]
+        assert lam > 0
+        p = b.prepare(gen.id, meas, method)
+        g = b.query_gradients(gen.id, meas)
+        g.layers = {n: g.band_layers[n].double().sum(0) for n in g.layers}
+        phi_q = b.projector.project({n: g.layers[n].double() for n in curv.layer_names})[0].numpy()
+        for damping in (lam, 10 * lam):
+            closed = phi_train @ np.linalg.solve(phi_train.T @ phi_train + damping * np.eye(b.projector.k), phi_q)
+            assert np.allclose(b.scores(p, damping), closed, rtol=1e-6, atol=1e-9 * np.abs(closed).max())
+    # Journey-TRAK differentiates the query's trajectory loss; held-out images have no trajectory
+    p = b.prepare(gen.id, "loss", "journey_trak")
+    assert p.payload.measurement == "journey_trak" and np.isfinite(b.scores(p, 1.0)).all()
+    with pytest.raises(ValueError, match="trajectory"):
+        b.prepare(int(held.ids[0]), "loss", "journey_trak")
+    assert b.map_2d().shape == (len(train.ids), 2)
+    assert b.train_images(b.train_ids[:3]).shape == (3, 1, 8, 8)
+    # a second backend on the same cache computes no training gradients
+    calls = []
+    real = grads.per_example_gradients
+    monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _backend(tiny_setup, methods=("ekfac", "trak", "dtrak"))
+    assert calls == []

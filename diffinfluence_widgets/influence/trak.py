@@ -1,0 +1,105 @@
+"""TRAK-family baselines in the projected space (``method.md`` §5): TRAK, D-TRAK and Journey-TRAK.
+
+All three score ``s[q, j] = φ(x′)ᵀ (ΦᵀΦ + λI)⁻¹ φ(x_j)`` where ``φ(x) = R ∇f(x)`` are randomly projected gradients
+and ``Φ`` ``[N, k]`` stacks the projected *training* gradients (the GGN^loss / empirical Fisher in projected space).
+They differ only in the functions differentiated:
+
+=============  ==============================  ===============================================
+method         query side ``f`` (measurement)  training side (store)
+=============  ==============================  ===============================================
+TRAK           the chosen measurement (loss)    ∇ loss           (the K-FAC parameter-space store)
+D-TRAK         square norm                      ∇ square norm    (its own store)
+Journey-TRAK   per-step trajectory loss         ∇ loss
+=============  ==============================  ===============================================
+
+``ΦᵀΦ = U diag(σ) Uᵀ`` is eigendecomposed once, so a new λ is an elementwise division:
+``(ΦᵀΦ + λI)⁻¹ φ_q = U (Uᵀ φ_q ⊘ (σ + λ))`` — :meth:`TRAKScorer.rotate` once per query, :meth:`TRAKScorer.query_feature`
+per λ, and the result is searched in the same FAISS index as the K-FAC family. λ here is **not comparable** with
+the K-FAC family's damping (it is added to ΦᵀΦ, which carries no 1/N); :meth:`TRAKScorer.default_damping` is
+relative to the spectrum of ΦᵀΦ.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TRAKScorer", "DEFAULT_RELATIVE_DAMPING"]
+
+#: default λ for the TRAK family, as a multiple of the mean eigenvalue of ΦᵀΦ (see :meth:`TRAKScorer.default_damping`)
+DEFAULT_RELATIVE_DAMPING = 1e-2
+
+
+class TRAKScorer:
+    """``(ΦᵀΦ + λI)⁻¹`` in the projected space, for any λ after one eigendecomposition.
+
+    Parameters
+    ----------
+    features:
+        ``Φ``, ``[N, k]`` projected training gradients (float32 is fine: the Gram matrix is formed in float64).
+    """
+
+    def __init__(self, features: np.ndarray, *, eig: tuple[np.ndarray, np.ndarray] | None = None):
+        self.features = np.asarray(features)
+        if self.features.ndim != 2:
+            raise ValueError(f"features must be [N, k], got shape {self.features.shape}")
+        if eig is None:
+            phi = self.features.astype(np.float64)
+            gram = phi.T @ phi
+            sigma, u = np.linalg.eigh(gram)
+            eig = (np.clip(sigma, 0.0, None), u)
+        self.sigma, self.u = eig
+
+    @classmethod
+    def from_store(cls, store, array: str = "features", cache: bool = True) -> "TRAKScorer":
+        """Build from a :class:`~diffinfluence_widgets.index.ProjectedStore`; the eigendecomposition is cached in
+        the store folder (keyed by the shards' checksums, written atomically)."""
+        feats = store.arrays[array]
+        key = hashlib.sha256("".join(s["sha256"] for s in store.manifest["shards"]).encode() + array.encode())
+        path = Path(store.path) / f"trak-gram-eigh-{key.hexdigest()[:16]}.npz"
+        if cache and path.is_file():
+            try:
+                with np.load(path) as z:
+                    return cls(feats, eig=(z["sigma"], z["u"]))
+            except Exception:  # unreadable cache: recompute
+                pass
+        out = cls(feats)
+        if cache:
+            buf = io.BytesIO()
+            np.savez(buf, sigma=out.sigma, u=out.u)
+            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, path)
+        return out
+
+    @property
+    def k(self) -> int:
+        return int(self.u.shape[0])
+
+    def default_damping(self, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
+        """``relative`` × the mean eigenvalue of ΦᵀΦ (the baselines need a swept λ; this is the sweep's centre)."""
+        return float(relative * max(self.sigma.mean(), np.finfo(np.float64).tiny))
+
+    def rotate(self, query_features: np.ndarray) -> np.ndarray:
+        """``Uᵀ φ_q`` (``[..., k]``, float64): do once per query."""
+        q = np.asarray(query_features, dtype=np.float64)
+        if q.shape[-1] != self.k:
+            raise ValueError(f"query features have dimension {q.shape[-1]}, the store holds {self.k}")
+        return q @ self.u
+
+    def query_feature(self, rotated: np.ndarray, damping: float) -> np.ndarray:
+        """``(ΦᵀΦ + λI)⁻¹ φ_q`` from the rotated query (float64); search it against Φ."""
+        lam = float(damping)
+        if not np.isfinite(lam) or lam < 0:
+            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
+        denom = self.sigma + lam
+        if np.any(denom <= 0):
+            raise ValueError("ΦᵀΦ is singular; TRAK needs a positive damping")
+        return (rotated / denom) @ self.u.T
+
+    def scores(self, rotated: np.ndarray, damping: float) -> np.ndarray:
+        """``[..., N]`` scores of every training example (float64)."""
+        return self.query_feature(rotated, damping) @ self.features.astype(np.float64).T
