@@ -1,0 +1,357 @@
+"""The digits demo, built once and cached: what ``diffinfluence demo``, the notebooks and Binder open.
+
+:func:`load_or_build_demo` runs the whole pipeline of the method on scikit-learn's bundled digits (no download)
+and returns an :class:`~diffinfluence_widgets.index.IndexBackend` ready for the explorer:
+
+1. **train** the small UNet (EMA weights; resumable from ``train-checkpoint/``) → ``model/``;
+2. **fit the curvature** (EK-FAC, K-FAC-expand, GGN^model: the paper's settings; resumable) → ``curvature/``;
+3. **index**: project the training gradients into the store, build the FAISS index and generate the sampled
+   queries (with their trajectories) → ``index/`` (the :class:`IndexBackend` cache, resumable shard by shard).
+
+Each step writes its result into a temporary folder that is renamed into place only when complete, followed by
+a small ``step.json`` manifest (config digest, fingerprints, seconds taken). A second call finds every step done
+and only loads: it starts in seconds. A cache folder built for another config, or by another version of the
+settings, is **refused** with a clear error (``rebuild=True`` wipes and rebuilds it); nothing is reused silently.
+
+Configs: ``"tiny"`` (8×8 digits, a ≈20k-parameter UNet; well under a minute on one core — tests, CI, small
+Binder machines) and ``"demo"`` (16×16 digits, recognisable samples; a few minutes on two cores).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "load_or_build_demo", "default_cache_dir",
+           "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
+
+#: environment variable overriding the default cache folder (``./diffinfluence-cache/<config>``)
+CACHE_ENV = "DIFFINFLUENCE_CACHE"
+#: ``DIFFINFLUENCE_SMALL=1`` makes notebooks and ``config_from_env()`` pick the ``"tiny"`` config
+SMALL_ENV = "DIFFINFLUENCE_SMALL"
+CACHE_FORMAT = "diffinfluence-demo-cache"
+CACHE_VERSION = 1
+STEPS = ("train", "curvature", "index")
+
+
+class DemoCacheError(RuntimeError):
+    """The cache folder belongs to another demo config (or another version of its settings)."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo build depends on. Any change gives another :meth:`digest` (and a refused cache)."""
+
+    name: str = _f("demo", "preset name")
+    image_size: int = _f(16, "digits are resized to image_size × image_size")
+    unet: str = _f("demo", "'tiny' (tiny_unet_config) or 'demo' (demo_unet_config)")
+    model_seed: int = _f(0, "seed of the UNet initialisation")
+    train_limit: int | None = _f(None, "keep the first train_limit training ids (None: the whole train split)")
+    heldout_limit: int = _f(16, "held-out images offered as queries")
+    train: dict = _f(None, "TrainConfig overrides on top of the preset named by train_preset")
+    train_preset: str = _f("demo", "'demo' or 'tiny' (TrainConfig presets)")
+    curvature_draws: int = _f(16, "(t, ε) draws per training image in the (E)K-FAC factors")
+    store_draws: int = _f(16, "(t, ε) draws per training image in the projected training gradients")
+    query_draws: int = _f(64, "(t, ε) draws of a query's measurement gradient")
+    k: int = _f(4096, "projection dimension of the store (Kronecker: k_b · k_a)")
+    num_generated: int = _f(8, "sampled queries generated up front (seeds 0..num_generated-1)")
+    methods: tuple = _f(("ekfac", "kfac", "trak", "dtrak", "journey_trak"), "methods offered in the explorer")
+    batch_size: int = _f(32, "examples per gradient batch")
+
+    def __post_init__(self) -> None:
+        if self.unet not in ("tiny", "demo"):
+            raise ValueError(f"DemoConfig.unet must be 'tiny' or 'demo', got {self.unet!r}")
+        if self.train_preset not in ("tiny", "demo"):
+            raise ValueError(f"DemoConfig.train_preset must be 'tiny' or 'demo', got {self.train_preset!r}")
+        for n in ("image_size", "heldout_limit", "curvature_draws", "store_draws", "query_draws", "k", "batch_size"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DemoConfig.{n} must be a positive integer, got {v!r}")
+        if isinstance(self.num_generated, bool) or not isinstance(self.num_generated, int) or self.num_generated < 0:
+            raise ValueError(f"DemoConfig.num_generated must be a non-negative integer, got {self.num_generated!r}")
+
+    def train_config(self):
+        from .diffusion.train import TrainConfig
+
+        preset = TrainConfig.tiny if self.train_preset == "tiny" else TrainConfig.demo
+        return preset(**(self.train or {}))
+
+    def unet_config(self) -> dict:
+        from .diffusion.model import demo_unet_config, tiny_unet_config
+
+        return (tiny_unet_config if self.unet == "tiny" else demo_unet_config)(sample_size=self.image_size)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["methods"] = list(self.methods)
+        d["train_config"] = self.train_config().to_dict()
+        d["unet_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.unet_config().items()}
+        return d
+
+    def digest(self) -> str:
+        """Hash of every setting (resolved train and UNet configs included)."""
+        body = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "DemoConfig":
+        return dataclasses.replace(self, **changes)
+
+
+DEMO_CONFIGS: dict[str, DemoConfig] = {
+    # 8×8 digits, ≈20k parameters: the whole build takes seconds on one core (tests, CI, Binder-small)
+    "tiny": DemoConfig(name="tiny", image_size=8, unet="tiny", train_limit=256, heldout_limit=8,
+                       train={"steps": 60, "batch_size": 32, "checkpoint_every": 30}, train_preset="tiny",
+                       curvature_draws=4, store_draws=4, query_draws=8, k=256, num_generated=2,
+                       batch_size=64),
+    # 16×16 digits on the whole train split: recognisable samples, a few minutes on two cores
+    "demo": DemoConfig(name="demo"),
+}
+
+
+def demo_config(config: str | DemoConfig = "demo") -> DemoConfig:
+    """The :class:`DemoConfig` named ``config`` (``"demo"`` or ``"tiny"``), or ``config`` itself."""
+    if isinstance(config, DemoConfig):
+        return config
+    if not isinstance(config, str) or config not in DEMO_CONFIGS:
+        raise ValueError(f"unknown demo config {config!r}; expected one of {sorted(DEMO_CONFIGS)}")
+    return DEMO_CONFIGS[config]
+
+
+def config_from_env(default: str = "demo") -> str:
+    """``"tiny"`` when ``DIFFINFLUENCE_SMALL`` is set to a true value (1 / true / yes), else ``default``."""
+    return "tiny" if os.environ.get(SMALL_ENV, "").strip().lower() in ("1", "true", "yes", "on") else default
+
+
+def default_cache_dir(config: str | DemoConfig = "demo") -> Path:
+    """``$DIFFINFLUENCE_CACHE`` when set, else ``./diffinfluence-cache/<config name>``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.cwd() / "diffinfluence-cache" / demo_config(config).name
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place (the old one, if any, is removed first)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class _Log:
+    def __init__(self, progress: bool):
+        self.progress = progress
+
+    def __call__(self, msg: str) -> None:
+        if self.progress:
+            print(f"[diffinfluence demo] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- the build
+def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
+    """Create / validate ``root/manifest.json``; refuse a cache of another config unless ``rebuild``."""
+    mf = root / "manifest.json"
+    want = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "config_name": cfg.name, "config_digest": cfg.digest()}
+    if root.exists() and any(root.iterdir()):
+        old = _read_json(mf)
+        same = old is not None and all(old.get(k) == v for k, v in want.items())
+        if not same:
+            if old is None:
+                why = "it has no readable demo manifest (manifest.json) — is it a demo cache at all?"
+            elif old.get("config_name") != cfg.name:
+                why = f"it holds the {old.get('config_name')!r} config, not {cfg.name!r}"
+            else:
+                why = (f"it was built with other settings of the {cfg.name!r} config (digest "
+                       f"{old.get('config_digest')} vs {cfg.digest()}, format version {old.get('version')} vs "
+                       f"{CACHE_VERSION})")
+            if not rebuild:
+                raise DemoCacheError(f"cache folder {str(root)!r} cannot be used: {why}. Use another cache folder "
+                                     f"(cache_dir=... / --cache-dir / ${CACHE_ENV}) or rebuild it "
+                                     "(rebuild=True / --rebuild), which deletes its contents.")
+            if old is None and not (root / "model").exists() and not (root / "index").exists():
+                raise DemoCacheError(f"refusing to delete {str(root)!r}: it does not look like a demo cache")
+            log(f"rebuilding {root}: {why}")
+            shutil.rmtree(root)
+        elif rebuild:
+            log(f"rebuild requested: deleting {root}")
+            shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not mf.is_file():
+        _atomic_write_text(mf, json.dumps({**want, "config": cfg.to_dict(), "created": time.time()},
+                                          indent=1, sort_keys=True, default=str))
+
+
+def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict) -> dict | None:
+    meta = _read_json(root / step / "step.json")
+    if meta is None or meta.get("config_digest") != cfg.digest():
+        return None
+    if any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    return meta
+
+
+def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, **extra) -> dict:
+    meta = {"step": step, "config_name": cfg.name, "config_digest": cfg.digest(), "seconds": round(seconds, 3),
+            "threads": torch.get_num_threads(), "finished": time.time(), **extra}
+    _atomic_write_text(root / step / "step.json", json.dumps(meta, indent=1, sort_keys=True))
+    return meta
+
+
+def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
+                       device: str | torch.device | None = None, progress: bool = True,
+                       threads: int | None = None, rebuild: bool = False):
+    """Build (or reopen from ``cache_dir``) the digits demo and return its
+    :class:`~diffinfluence_widgets.index.IndexBackend`.
+
+    Parameters
+    ----------
+    config:
+        ``"demo"`` (16×16 digits, a few CPU minutes) or ``"tiny"`` (8×8, seconds; tests, CI, small machines),
+        or a :class:`DemoConfig`.
+    cache_dir:
+        Where the model, curvature and index are kept. Default: ``$DIFFINFLUENCE_CACHE`` or
+        ``./diffinfluence-cache/<config>``. A folder holding another config is refused (:class:`DemoCacheError`).
+    device:
+        ``None``: CUDA when available, else CPU.
+    threads:
+        ``torch.set_num_threads(threads)`` for the build (and afterwards); ``None`` keeps the current setting.
+    rebuild:
+        Delete whatever is in ``cache_dir`` and build from scratch.
+
+    The backend carries ``backend.demo_info``: the config, cache folder, and per step whether it was reused and
+    how many seconds it took.
+    """
+    from .data import load_digits
+    from .diffusion import DiffusionModel, resolve_device, train_model
+    from .index import IndexBackend
+    from .influence.curvature import Curvature, fit_curvature
+
+    cfg = demo_config(config)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(cfg)
+    log = _Log(progress)
+    t_start = time.perf_counter()
+    _check_root(root, cfg, rebuild, log)
+    info: dict[str, Any] = {"config": cfg.name, "config_digest": cfg.digest(), "cache_dir": str(root),
+                            "device": str(dev), "threads": torch.get_num_threads(), "steps": {}}
+
+    train = load_digits(size=cfg.image_size, split="train", limit=cfg.train_limit)
+    heldout = load_digits(size=cfg.image_size, split="heldout", limit=cfg.heldout_limit)
+    data_fp = train.fingerprint()
+
+    # ---- 1. the model (EMA weights)
+    t0 = time.perf_counter()
+    meta = _step_done(root, "model", cfg, {"dataset_fingerprint": data_fp})
+    model = None
+    if meta is not None:
+        model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
+        if model.fingerprint() != meta.get("model_fingerprint"):
+            log(f"{root / 'model'} does not match its manifest (fingerprint {model.fingerprint()} vs "
+                f"{meta.get('model_fingerprint')}); retraining")
+            model, meta = None, None
+    if model is None:
+        log(f"step 1/3: training the {cfg.name!r} UNet on {len(train)} digits ({cfg.image_size}×{cfg.image_size}, "
+            f"{cfg.train_config().steps} steps, {torch.get_num_threads()} threads)")
+        init = DiffusionModel.from_config(cfg.unet_config(), seed=cfg.model_seed).to(dev, torch.float32)
+        model = train_model(init, train, cfg.train_config(), device=dev, progress=progress,
+                            checkpoint_dir=root / "train-checkpoint")
+        tmp = root / f".tmp-model-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        _publish_dir(tmp, root / "model")
+        # reload what was saved, so the fingerprint is the one every later run sees
+        model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
+        meta = _write_step(root, "model", cfg, time.perf_counter() - t0, dataset_fingerprint=data_fp,
+                           model_fingerprint=model.fingerprint())
+        shutil.rmtree(root / "train-checkpoint", ignore_errors=True)
+        info["steps"]["train"] = {"reused": False, "seconds": meta["seconds"]}
+    else:
+        info["steps"]["train"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
+                                  "build_seconds": meta.get("seconds")}
+    model.unet.eval()
+    model_fp = meta["model_fingerprint"]
+
+    # ---- 2. the curvature
+    t0 = time.perf_counter()
+    expect = {"dataset_fingerprint": data_fp, "model_fingerprint": model_fp}
+    meta = _step_done(root, "curvature", cfg, expect)
+    curvature = None
+    if meta is not None:
+        try:
+            curvature = Curvature.load(root / "curvature", model=model, dataset=train)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            log(f"saved curvature is unusable ({e}); refitting")
+    if curvature is None:
+        log(f"step 2/3: fitting EK-FAC curvature ({cfg.curvature_draws} draws per image)")
+        curvature = fit_curvature(model, train, method="ekfac", kfac_approx="expand", fisher="model",
+                                  num_draws=cfg.curvature_draws, device=dev, progress=progress,
+                                  batch_size=cfg.batch_size, checkpoint_dir=root / "curvature-checkpoint")
+        tmp = root / f".tmp-curvature-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        curvature.save(tmp)
+        _publish_dir(tmp, root / "curvature")
+        meta = _write_step(root, "curvature", cfg, time.perf_counter() - t0, **expect)
+        shutil.rmtree(root / "curvature-checkpoint", ignore_errors=True)
+        info["steps"]["curvature"] = {"reused": False, "seconds": meta["seconds"]}
+    else:
+        info["steps"]["curvature"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
+                                      "build_seconds": meta.get("seconds")}
+
+    # ---- 3. projected training gradients, FAISS index, generated queries (the IndexBackend's own cache)
+    t0 = time.perf_counter()
+    meta = _step_done(root, "index", cfg, expect)
+    if meta is None:
+        log(f"step 3/3: projecting training gradients (k={cfg.k}, {cfg.store_draws} draws), building the index, "
+            f"sampling {cfg.num_generated} queries")
+    (root / "index").mkdir(exist_ok=True)
+    backend = IndexBackend.build(model, train, heldout, curvature, root / "index", k=cfg.k,
+                                 num_draws=cfg.store_draws, query_num_draws=cfg.query_draws,
+                                 num_generated=cfg.num_generated, methods=tuple(cfg.methods),
+                                 batch_size=cfg.batch_size, device=dev, progress=progress and meta is None)
+    if meta is None:
+        meta = _write_step(root, "index", cfg, time.perf_counter() - t0, **expect)
+        info["steps"]["index"] = {"reused": False, "seconds": meta["seconds"]}
+    else:
+        info["steps"]["index"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
+                                  "build_seconds": meta.get("seconds")}
+    info["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    info["reused"] = all(s["reused"] for s in info["steps"].values())
+    log(("reused the cached demo" if info["reused"] else "demo ready") + f" in {info['total_seconds']:.1f} s "
+        f"({root})")
+    backend.demo_info = info
+    return backend
