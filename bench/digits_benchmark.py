@@ -49,6 +49,7 @@ from diffinfluence_widgets.evaluation.retrain import RetrainCache, RetrainJob
 from diffinfluence_widgets.influence.curvature import fit_curvature
 from diffinfluence_widgets.influence.gradients import per_example_gradients
 from diffinfluence_widgets.influence.projection import layer_shapes_of, make_projector
+from diffinfluence_widgets.influence.trak import TRAKScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,25 +121,15 @@ def kfac_sweep(curv, q_grads, train_flat: torch.Tensor, dampings) -> dict[float,
 
 
 def trak_sweep(phi_train: torch.Tensor, phi_query: torch.Tensor, relative_dampings) -> tuple[dict, float]:
-    """``φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_j`` for λ = τ · relative, τ = mean eigenvalue of ΦᵀΦ; one eigendecomposition.
-
-    Uses the N×N Gram matrix when k > N (push-through identity ``(ΦᵀΦ+λ)⁻¹Φᵀ = Φᵀ(ΦΦᵀ+λ)⁻¹``).
-    """
-    P, q = phi_train.double(), phi_query.double()
-    n, k = P.shape
-    if k <= n:
-        e, V = torch.linalg.eigh(P.T @ P)
-        left, right = q @ V, P @ V
-    else:
-        e, U = torch.linalg.eigh(P @ P.T)
-        left, right = q @ P.T @ U, U
-    e = e.clamp_min(0)
-    tau = float(e.sum() / k)
+    """``φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_j`` for λ = relative × mean eigenvalue of ΦᵀΦ (``influence.trak.TRAKScorer``:
+    one eigendecomposition, then every λ is a division)."""
+    scorer = TRAKScorer(phi_train.numpy())
+    rotated = scorer.rotate(phi_query.numpy())
     out = {}
     for r in relative_dampings:
-        lam = tau * float(r)
-        out[lam] = ((left / (e + lam)) @ right.T).numpy()
-    return out, tau
+        lam = scorer.default_damping(float(r))
+        out[lam] = scorer.scores(rotated, lam)
+    return out, scorer.default_damping(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------- figures

@@ -137,10 +137,11 @@ def _train_job(cache_dir: str, key: str, manifest: dict[str, Any], job: RetrainJ
     if (final / MANIFEST).is_file():
         return str(final)
     fn = train_fn or _default_train_fn()
-    model = DiffusionModel.from_config(dict(model_spec["unet_config"]),
-                                       num_train_timesteps=model_spec["num_train_timesteps"],
-                                       beta_start=model_spec["beta_start"], beta_end=model_spec["beta_end"],
-                                       seed=job.seed)
+    with torch.random.fork_rng(devices=[]):  # from_config seeds the global generator: keep the caller's intact
+        model = DiffusionModel.from_config(dict(model_spec["unet_config"]),
+                                           num_train_timesteps=model_spec["num_train_timesteps"],
+                                           beta_start=model_spec["beta_start"], beta_end=model_spec["beta_end"],
+                                           seed=job.seed)
     subset = dataset.subset(list(job.kept_ids))
     ckpt = root / "checkpoints" / key
     ckpt.mkdir(parents=True, exist_ok=True)
