@@ -6,7 +6,7 @@ import json
 
 import ipywidgets as W
 
-from ..backend import SIGN_CONVENTION, InfluenceBackend
+from ..backend import InfluenceBackend
 from ..session import AttributionSession
 from .compare import CompareView
 from .controls import Controls
@@ -37,7 +37,7 @@ class InfluenceExplorer(W.VBox):
         self.session = s = session
         self.check_backend = check_backend
         title = W.HTML("<div class='dinf-title'><b>Influence explorer</b> — which training images made the model "
-                       f"generate this? <span class='dinf-sign-global'>{html.escape(SIGN_CONVENTION)}</span></div>")
+                       "generate this? Pick a query, then the measurement, method and damping.</div>")
         self.picker = QueryPicker(s)
         self.controls = Controls(s)
         self.gallery = InfluenceGallery(s, page_size=page_size)

@@ -11,6 +11,7 @@ Each view recomputes off the kernel thread (``session.run_async``, latest reques
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Callable
 
 import ipywidgets as W
@@ -32,18 +33,28 @@ class _View(W.VBox):
 
     def __init__(self, session: AttributionSession, active: bool = True, **kwargs):
         self.session = session
-        self.fig = go.FigureWidget(layout=go.Layout(**_LAYOUT))
         self.note = W.HTML()
         self.note.add_class("dinf-plot-note")
-        super().__init__([self.fig, self.note], **kwargs)
+        self._fig: go.FigureWidget | None = None
+        super().__init__([self.note], **kwargs)
         self.add_class("dinf-plot")
+        self.add_class(f"dinf-plot-{self.channel}")
         self._active = active
         self._dirty = True
         self.renders = 0
-        self._setup()
         session.observe(self._on_change, list(self.triggers))
         if active:
             self.update()
+
+    @property
+    def fig(self) -> go.FigureWidget:
+        """The figure, created on first use: each FigureWidget carries plotly's whole front-end bundle (~5 MB),
+        so the explorer only pays for the views the user opens."""
+        if self._fig is None:
+            self._fig = go.FigureWidget(layout=go.Layout(**_LAYOUT))
+            self._setup()
+            self.children = [self._fig, self.note]
+        return self._fig
 
     @property
     def active(self) -> bool:
@@ -65,11 +76,17 @@ class _View(W.VBox):
         self._dirty = False
         if self.session.result is None:
             return
+        self.fig  # create the figure on this (kernel) thread, not on the worker
         self.session.run_async(f"{self.channel}-{id(self)}", self._compute, self._draw_safe, self._error)
 
     def _draw_safe(self, data) -> None:
-        with self.fig.batch_update():
+        fig = self.fig
+        with fig.batch_update():
             self._draw(data)
+        # plotly sends edits as one-shot deltas; a front end that (re)creates its view later starts from
+        # _widget_data / _widget_layout, so keep those complete (plotly itself only does it when displayed alone)
+        fig._widget_layout = deepcopy(fig._layout_obj._props)
+        fig._widget_data = deepcopy(fig._data)
         self.renders += 1
         self.note.value = self._note(data)
 
@@ -187,6 +204,7 @@ class GradientMap(_View):
     def __init__(self, session: AttributionSession, on_select: Callable[[int], None] | None = None, **kwargs):
         self.on_select = on_select
         self.selected: int | None = None
+        self._base_ready = False
         super().__init__(session, **kwargs)
 
     def _setup(self):

@@ -121,7 +121,7 @@ function render({ model, el: root, signal }) {
       const img = el("img", "dinf-thumb", { alt: `training image ${it.id}`, draggable: "false" });
       if (thumbs[i]) {
         const u = blobUrl(thumbs[i]);
-        urls.push(u);
+        urls.push([img, u]);
         img.src = u;
       }
       const cap = el("span", "dinf-tile-caption");
@@ -136,9 +136,16 @@ function render({ model, el: root, signal }) {
     grid.replaceChildren(frag);
   }
 
-  function draw() {
-    for (const u of urls) URL.revokeObjectURL(u);
+  function release() {
+    // stop pending loads before revoking, so a detached <img> never fetches a revoked blob URL
+    for (const [img, u] of urls) { img.removeAttribute("src"); URL.revokeObjectURL(u); }
     urls = [];
+  }
+
+  function draw() {
+    const zoomShared = urls.some(([, u]) => u === zoomImg.getAttribute("src"));
+    if (zoomShared) zoomImg.removeAttribute("src");
+    release();
     const hadFocus = root.contains(document.activeElement) && document.activeElement.classList.contains("dinf-tile");
     drawGrid("proponent");
     drawGrid("opponent");
@@ -158,8 +165,9 @@ function render({ model, el: root, signal }) {
     }
     if (!zoom.hidden && zoom.dataset.pinned) {
       const z = all.find((x) => x.dataset.id === zoom.dataset.id);
-      if (z) openZoom(z, false); else closeZoom();
-    }
+      if (z) { openZoom(z, false); zoom.dataset.pinned = "1"; }
+      else if (zoomShared) closeZoom();
+    } else if (zoomShared) closeZoom();
     // Mark the request as rendered only once every thumbnail is decoded (tests and the bench wait on this).
     const rid = model.get("request_id"), version = model.get("version");
     const imgs = [...root.querySelectorAll("img.dinf-thumb")];
@@ -269,7 +277,7 @@ function render({ model, el: root, signal }) {
   draw();
   drawSelected();
   return () => {
-    for (const u of urls) URL.revokeObjectURL(u);
+    release();
     if (zoomUrl) URL.revokeObjectURL(zoomUrl);
     model.off("change:version", draw);
     model.off(null, drawMeta);

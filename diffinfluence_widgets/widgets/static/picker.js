@@ -38,9 +38,24 @@ function render({ model, el: root, signal }) {
   let urls = [];
   let reqId = 0;
 
-  function draw() {
-    for (const u of urls) URL.revokeObjectURL(u);
+  function release() {
+    // stop pending loads before revoking, so a detached <img> never fetches a revoked blob URL
+    for (const [img, u] of urls) { img.removeAttribute("src"); URL.revokeObjectURL(u); }
     urls = [];
+  }
+
+  function markSelected() {
+    const sel = model.get("selected");
+    for (const b of root.querySelectorAll(".dinf-query")) {
+      const on = Number(b.dataset.id) === sel;
+      b.classList.toggle("dinf-selected", on);
+      b.setAttribute("aria-selected", String(on));
+    }
+    root.dataset.selected = String(sel);
+  }
+
+  function draw() {
+    release();
     const items = model.get("items") || [];
     const thumbs = model.get("thumbs") || [];
     const sel = model.get("selected");
@@ -62,7 +77,7 @@ function render({ model, el: root, signal }) {
         b.dataset.kind = it.kind;
         if (it.id === sel) b.classList.add("dinf-selected");
         const img = el("img", "dinf-query-thumb", { alt: `query ${it.id}`, draggable: "false" });
-        if (dv) { const u = URL.createObjectURL(new Blob([dv], { type: "image/png" })); urls.push(u); img.src = u; }
+        if (dv) { const u = URL.createObjectURL(new Blob([dv], { type: "image/png" })); urls.push([img, u]); img.src = u; }
         b.append(img);
         grid.append(b);
       }
@@ -119,14 +134,14 @@ function render({ model, el: root, signal }) {
   seed.addEventListener("keydown", (e) => { if (e.key === "Enter") genBtn.click(); }, { signal });
 
   model.on("change:version", draw);
-  model.on("change:selected", draw);
+  model.on("change:selected", markSelected);
   model.on("change:generating change:message", drawStatus);
   draw();
   drawStatus();
   return () => {
-    for (const u of urls) URL.revokeObjectURL(u);
+    release();
     model.off("change:version", draw);
-    model.off("change:selected", draw);
+    model.off("change:selected", markSelected);
     model.off(null, drawStatus);
   };
 }

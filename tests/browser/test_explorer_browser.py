@@ -1,0 +1,250 @@
+"""The explorer in headless Chromium against real Voila and JupyterLab servers on 127.0.0.1.
+
+Every check of "what the gallery shows" compares the DOM (ids, exact scores, decoded thumbnails) with
+``backend.search`` recomputed here in the test process on an identically built backend, at the settings that
+Python itself wrote into the page (``.dinf-status``), and with the kernel's own direct ``backend.search``.
+Screenshots go to ``test-artifacts/``.
+"""
+import time
+
+import pytest
+
+import harness as H
+from diffinfluence_widgets.widgets.controls import MEASUREMENT_HELP, METHOD_HELP
+
+pytestmark = pytest.mark.browser
+
+PAGE_SIZE = 12
+
+
+def wait_settled(page, after: int, timeout=60_000) -> dict:
+    """Wait for a result newer than ``after`` that is the latest (session idle) and fully rendered."""
+    page.wait_for_function(
+        """([sel, after]) => {
+          const g = document.querySelector(sel);
+          const st = document.querySelector('.dinf-status .dinf-status-text');
+          if (!g || !st || g.dataset.state !== 'ready') return false;
+          const rid = Number(g.dataset.renderedRequest);
+          if (!(rid > after) || String(rid) !== g.dataset.requestId || Number(st.dataset.request) !== rid) return false;
+          const imgs = [...g.querySelectorAll('.dinf-gallery-body img.dinf-thumb')];
+          return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""", arg=[H.GALLERY, after], timeout=timeout)
+    return H.python_status(page)
+
+
+def wait_slider_settled(page, after: int, timeout=60_000) -> dict:
+    """After a drag: wait until Python's result is at the slider's final position (exponent in aria-valuetext, 2 decimals)."""
+    page.wait_for_function(
+        """() => {
+          const h = document.querySelector('.dinf-explorer .dinf-damping .noUi-handle');
+          const t = document.querySelector('.dinf-status .dinf-status-text');
+          if (!h || !t || !t.dataset.json) return false;
+          const d = Number(JSON.parse(t.dataset.json).damping);
+          return Math.abs(Math.log10(d) - Number(h.getAttribute('aria-valuetext'))) < 6e-3;
+        }""", timeout=timeout)
+    return wait_settled(page, after, timeout)
+
+
+def no_errors(page, browser):
+    errs = H.real_errors(page, browser.blocked)
+    assert errs == [], errs
+    assert all("127.0.0.1" not in u and "localhost" not in u for u in browser.blocked)
+
+
+def open_voila(page, voila):
+    t0 = time.monotonic()
+    page.goto(voila.url + "/", wait_until="domcontentloaded", timeout=120_000)
+    H.wait_explorer(page)
+    print(f"voila: explorer visible after {time.monotonic() - t0:.1f}s")
+    return wait_settled(page, 0)
+
+
+def drag_and_check(page, backend, dx) -> dict:
+    before = H.python_status(page)
+    H.drag_damping(page, dx)
+    st = wait_slider_settled(page, before["request_id"])
+    assert float(st["damping"]) != float(before["damping"])
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    return st
+
+
+# ----------------------------------------------------------------------------------------------- Voila
+def test_voila_renders_and_damping_reorders_as_backend_says(page, voila, browser, backend):
+    st = open_voila(page, voila)
+    dom = H.gallery_dom(page)
+    assert len(dom["proponents"]) == PAGE_SIZE and len(dom["opponents"]) == PAGE_SIZE
+    assert all(t["w"] == 64 for t in dom["proponents"] + dom["opponents"])  # PNGs decoded from binary buffers
+    assert "Positive score" in dom["sign"] and "opponent" in dom["sign"]
+    assert dom["proponents"][0]["label"].startswith("Proponent 1: training image")
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    H.screenshot(page, "voila-01-initial")
+    rankings = {tuple(t["id"] for t in dom["proponents"])}
+    # drag the log-scale damping slider both ways: each time the gallery equals backend.search at the new λ
+    for dx in (-150, 90, 160):
+        st = drag_and_check(page, backend, dx)
+        rankings.add(tuple(t["id"] for t in H.gallery_dom(page)["proponents"]))
+    assert len(rankings) > 1, "moving the damping should have reordered the gallery"
+    # keyboard on the slider handle (live update as well)
+    before = H.python_status(page)
+    H.damping_handle(page).focus()
+    page.keyboard.press("ArrowLeft")
+    st = wait_slider_settled(page, before["request_id"])
+    assert float(st["damping"]) < float(before["damping"])
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    H.screenshot(page, "voila-02-after-damping")
+    no_errors(page, browser)
+
+
+def test_voila_query_proxy_method_band_generate(page, voila, browser, backend):
+    st = open_voila(page, voila)
+    # choose another query in the picker
+    target = backend.queries()[3].id
+    page.click(f".dinf-picker .dinf-query[data-id='{target}']")
+    st = wait_settled(page, st["request_id"])
+    assert st["query_id"] == target
+    assert page.get_attribute(".dinf-picker", "data-selected") == str(target)
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    # the measurement proxy
+    page.select_option(".dinf-measurement select", label=MEASUREMENT_HELP["square_norm"])
+    st = wait_settled(page, st["request_id"])
+    assert st["measurement"] == "square_norm"
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    # the method: λ resets to the new family's default
+    page.select_option(".dinf-method select", label=METHOD_HELP["trak"])
+    st = wait_settled(page, st["request_id"])
+    assert st["method"] == "trak" and float(st["damping"]) == backend.default_damping["trak"]
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    # a timestep band
+    page.select_option(".dinf-band select", label="t ∈ [250, 500)")
+    st = wait_settled(page, st["request_id"])
+    assert st["band"] == [250, 500]
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    # generate a new query with a seed
+    page.fill(".dinf-picker .dinf-seed", "42")
+    page.click(".dinf-picker .dinf-generate-btn")
+    st = wait_settled(page, st["request_id"])
+    assert st["query_id"] == 100_042
+    page.wait_for_selector(".dinf-picker .dinf-query[data-id='100042'].dinf-selected img")
+    ref = H.make_backend()
+    ref.generate_query(42)
+    H.check_gallery_matches_backend(page, ref, PAGE_SIZE)
+    H.screenshot(page, "voila-03-query-proxy-method")
+    no_errors(page, browser)
+
+
+def test_voila_keyboard_navigation_and_pages(page, voila, browser, backend):
+    st = open_voila(page, voila)
+    first = page.locator(f"{H.GALLERY} .dinf-tile[data-role=proponent]").first
+    first.focus()
+    active = lambda: page.evaluate("() => { const a = document.activeElement;"
+                                   " return a && a.dataset ? [a.dataset.role, Number(a.dataset.index)] : null; }")
+    assert active() == ["proponent", 0]
+    page.keyboard.press("ArrowRight")
+    assert active() == ["proponent", 1]
+    page.keyboard.press("End")
+    assert active()[0] == "opponent"
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")  # larger view + selection (round trip to Python: selected_text)
+    tile_id = page.get_attribute(f"{H.GALLERY} .dinf-tile[data-role=proponent][data-index='1']", "data-id")
+    page.wait_for_selector(f"{H.GALLERY} .dinf-zoom:not([hidden])")
+    assert page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id") == tile_id
+    page.wait_for_function("(id) => document.querySelector('.dinf-gallery .dinf-zoom-text').textContent"
+                           ".includes('proponent #2 · training image ' + id)", arg=tile_id)
+    assert page.get_attribute(f"{H.GALLERY} .dinf-zoom-img", "alt").endswith(f"training image {tile_id}")
+    H.screenshot(page, "voila-04-keyboard-zoom")
+    page.keyboard.press("Escape")
+    page.wait_for_selector(f"{H.GALLERY} .dinf-zoom", state="hidden")
+    # next page with the keyboard: ranks 13..16 arrive from Python
+    page.keyboard.press("PageDown")
+    page.wait_for_function("(sel) => document.querySelector(sel).dataset.renderedPage === '1'", arg=H.GALLERY)
+    dom = H.gallery_dom(page)
+    assert [t["rank"] for t in dom["proponents"]] == [13, 14, 15, 16]
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    assert active() is not None and active()[0] == "proponent"  # focus stays in the gallery
+    page.keyboard.press("PageUp")
+    page.wait_for_function("(sel) => document.querySelector(sel).dataset.renderedPage === '0'", arg=H.GALLERY)
+    no_errors(page, browser)
+
+
+def test_voila_plots_map_selection_compare(page, voila, browser, backend):
+    st = open_voila(page, voila)
+    page.wait_for_selector(".dinf-plot-dist .js-plotly-plot .bars path", state="attached")
+    # rank stability across a damping sweep
+    page.click(".dinf-tabs .lm-TabBar-tab:has-text('Damping sweep')")
+    page.wait_for_selector(".dinf-plot-sweep .js-plotly-plot .scatterlayer .trace", state="visible", timeout=90_000)
+    H.screenshot(page, "voila-05a-sweep", ".dinf-plot-sweep")
+    page.click(".dinf-tabs .lm-TabBar-tab:has-text('Timestep bands')")
+    page.wait_for_selector(".dinf-plot-bands .js-plotly-plot .bars path", state="attached", timeout=90_000)
+    H.screenshot(page, "voila-05b-bands", ".dinf-plot-bands")
+    # the 2-D map: click a highlighted proponent -> the gallery shows it (linked selection)
+    page.click(".dinf-tabs .lm-TabBar-tab:has-text('Gradient map')")
+    pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(2) path.point"
+    page.wait_for_selector(pts, state="visible", timeout=90_000)
+    page.locator(".dinf-plot-map .js-plotly-plot").scroll_into_view_if_needed()
+    box = page.locator(pts).first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 6, cy - 6)
+    page.mouse.move(cx, cy, steps=3)
+    page.mouse.click(cx, cy)
+    page.wait_for_function("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
+                           " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+    zid = int(page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id"))
+    assert zid in set(int(i) for i in backend.train_ids)
+    page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(4) path.point")
+    H.screenshot(page, "voila-05-map-selection", ".dinf-plot-map")
+    # compare mode
+    page.click(".dinf-tabs .lm-TabBar-tab:has-text('Compare')")
+    page.wait_for_selector(".dinf-agreement [data-metric='spearman']", timeout=60_000)
+    page.wait_for_selector(".dinf-compare-gallery-b .dinf-tile img")
+    rho = float(page.inner_text(".dinf-agreement [data-metric='spearman']"))
+    assert -1.0 <= rho <= 1.0
+    page.locator(".dinf-compare").scroll_into_view_if_needed()
+    H.screenshot(page, "voila-06-compare", ".dinf-compare")
+    no_errors(page, browser)
+
+
+# ----------------------------------------------------------------------------------------------- JupyterLab
+KERNEL_IDLE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+  return !!k && k.status === 'idle';
+}"""
+
+
+def test_lab_explorer_damping_proxy_method_keyboard(page, lab, browser, backend):
+    t0 = time.monotonic()
+    page.goto(f"{lab.url}/lab/tree/explorer.ipynb?reset", wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", state="visible", timeout=120_000)
+    page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    H.wait_explorer(page)
+    print(f"lab: explorer visible after {time.monotonic() - t0:.1f}s")
+    st = wait_settled(page, 0)
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    H.screenshot(page, "lab-01-initial")
+    for dx in (-140, 200):
+        st = drag_and_check(page, backend, dx)
+    page.select_option(".dinf-measurement select", label=MEASUREMENT_HELP["elbo_simplified"])
+    st = wait_settled(page, st["request_id"])
+    assert st["measurement"] == "elbo_simplified"
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    page.select_option(".dinf-method select", label=METHOD_HELP["kfac"])
+    st = wait_settled(page, st["request_id"])
+    assert st["method"] == "kfac"
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    tile = page.locator(f"{H.GALLERY} .dinf-tile[data-role=proponent]").first
+    tile.focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"{H.GALLERY} .dinf-zoom:not([hidden])")
+    H.screenshot(page, "lab-02-after-changes")
+    # ask the kernel directly: the session holds what the page shows
+    page.evaluate("() => { const nb = window.jupyterapp.shell.currentWidget.content; nb.activeCellIndex = 2; }")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-cell')")
+    out = page.locator(".jp-OutputArea-output:has-text('PYCHECK')")
+    out.wait_for(timeout=60_000)
+    text = out.inner_text()
+    assert f"PYCHECK {st['request_id']} " in text and " kfac " in text
+    no_errors(page, browser)
+    H.lab_delete_sessions(lab)
