@@ -78,8 +78,12 @@ class TrainConfig:
 
     @classmethod
     def demo(cls, **overrides) -> "TrainConfig":
-        """Recognisable 16×16 digits with ``demo_unet_config()`` in a few CPU minutes."""
-        return cls(**{**dict(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995,
+        """Recognisable 16×16 digits with ``demo_unet_config()`` in a few CPU minutes.
+
+        Measured on the 1438 training digits at 16×16: ≈0.10 CPU-s per step on one thread, 1500 steps in
+        157 CPU-s (final loss ≈ 0.026); sampling 16 images with all 1000 DDPM steps took ≈1 min.
+        """
+        return cls(**{**dict(steps=1500, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
                              checkpoint_every=500), **overrides})
 
     @classmethod
