@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "load_or_build_demo", "default_cache_dir",
+__all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
+           "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
 
-#: environment variable overriding the default cache folder (``./diffinfluence-cache/<config>``)
+#: environment variable naming the parent of the cache folders (default ``./diffinfluence-cache``; the config's
+#: cache is ``<parent>/<config name>``)
 CACHE_ENV = "DIFFINFLUENCE_CACHE"
 #: ``DIFFINFLUENCE_SMALL=1`` makes notebooks and ``config_from_env()`` pick the ``"tiny"`` config
 SMALL_ENV = "DIFFINFLUENCE_SMALL"
@@ -136,11 +138,13 @@ def config_from_env(default: str = "demo") -> str:
 
 
 def default_cache_dir(config: str | DemoConfig = "demo") -> Path:
-    """``$DIFFINFLUENCE_CACHE`` when set, else ``./diffinfluence-cache/<config name>``."""
+    """``$DIFFINFLUENCE_CACHE/<config name>`` when the variable is set, else ``./diffinfluence-cache/<config name>``.
+
+    The variable names the *parent* folder, so the ``"tiny"`` and ``"demo"`` caches never share a folder.
+    """
     env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.cwd() / "diffinfluence-cache" / demo_config(config).name
+    parent = Path(env).expanduser() if env else Path.cwd() / "diffinfluence-cache"
+    return parent / demo_config(config).name
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -226,6 +230,20 @@ def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, **extra)
     return meta
 
 
+@dataclass
+class DemoArtifacts:
+    """What :func:`build_demo` produced (``None`` for the steps after ``until``)."""
+
+    config: DemoConfig
+    cache_dir: Path
+    train: Any
+    heldout: Any
+    model: Any
+    curvature: Any = None
+    backend: Any = None
+    info: dict = field(default_factory=dict)
+
+
 def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
                        device: str | torch.device | None = None, progress: bool = True,
                        threads: int | None = None, rebuild: bool = False):
@@ -238,7 +256,7 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
         ``"demo"`` (16×16 digits, a few CPU minutes) or ``"tiny"`` (8×8, seconds; tests, CI, small machines),
         or a :class:`DemoConfig`.
     cache_dir:
-        Where the model, curvature and index are kept. Default: ``$DIFFINFLUENCE_CACHE`` or
+        Where the model, curvature and index are kept. Default: ``$DIFFINFLUENCE_CACHE/<config>`` or
         ``./diffinfluence-cache/<config>``. A folder holding another config is refused (:class:`DemoCacheError`).
     device:
         ``None``: CUDA when available, else CPU.
@@ -250,12 +268,23 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
     The backend carries ``backend.demo_info``: the config, cache folder, and per step whether it was reused and
     how many seconds it took.
     """
+    return build_demo(config, cache_dir, device=device, progress=progress, threads=threads,
+                      rebuild=rebuild).backend
+
+
+def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
+               device: str | torch.device | None = None, progress: bool = True, threads: int | None = None,
+               rebuild: bool = False, until: str = "index") -> DemoArtifacts:
+    """:func:`load_or_build_demo`, stopping after step ``until`` (``"train"``, ``"curvature"`` or ``"index"``)
+    and returning every artifact (:class:`DemoArtifacts`)."""
     from .data import load_digits
     from .diffusion import DiffusionModel, resolve_device, train_model
     from .index import IndexBackend
     from .influence.curvature import Curvature, fit_curvature
 
     cfg = demo_config(config)
+    if until not in STEPS:
+        raise ValueError(f"until must be one of {STEPS}, got {until!r}")
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -304,6 +333,9 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
                                   "build_seconds": meta.get("seconds")}
     model.unet.eval()
     model_fp = meta["model_fingerprint"]
+    art = DemoArtifacts(cfg, root, train, heldout, model, info=info)
+    if until == "train":
+        return _finish(art, t_start, log)
 
     # ---- 2. the curvature
     t0 = time.perf_counter()
@@ -331,6 +363,9 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
     else:
         info["steps"]["curvature"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
                                       "build_seconds": meta.get("seconds")}
+    art.curvature = curvature
+    if until == "curvature":
+        return _finish(art, t_start, log)
 
     # ---- 3. projected training gradients, FAISS index, generated queries (the IndexBackend's own cache)
     t0 = time.perf_counter()
@@ -349,9 +384,16 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
     else:
         info["steps"]["index"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
                                   "build_seconds": meta.get("seconds")}
+    backend.demo_info = info
+    art.backend = backend
+    return _finish(art, t_start, log)
+
+
+def _finish(art: DemoArtifacts, t_start: float, log: _Log) -> DemoArtifacts:
+    info = art.info
     info["total_seconds"] = round(time.perf_counter() - t_start, 3)
     info["reused"] = all(s["reused"] for s in info["steps"].values())
+    _atomic_write_text(art.cache_dir / "last_run.json", json.dumps(info, indent=1, sort_keys=True))
     log(("reused the cached demo" if info["reused"] else "demo ready") + f" in {info['total_seconds']:.1f} s "
-        f"({root})")
-    backend.demo_info = info
-    return backend
+        f"({art.cache_dir})")
+    return art
