@@ -8,7 +8,7 @@ import torch
 
 from diffinfluence_widgets.data import load_digits
 from diffinfluence_widgets.diffusion import (DiffusionModel, TrainConfig, TrainingInterrupted, posterior_mean_variance,
-                                             previous_timesteps, sample, tiny_unet_config, train_model)
+                                             previous_timesteps, sample, train_model)
 from diffinfluence_widgets.diffusion.draws import example_generator
 from diffinfluence_widgets.diffusion.sampling import SAMPLING_STREAM
 from diffinfluence_widgets.diffusion.train import CHECKPOINT_NAME
@@ -89,6 +89,8 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_digits, tmp_path):
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 4
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
     with pytest.raises(TrainingInterrupted, match="after step 10"):
+        train_model(tiny_model, tiny_digits, cfg, progress=False, checkpoint_dir=tmp_path, stop_after=10)
+    with pytest.raises(TrainingInterrupted, match="already at step 10"):
         train_model(tiny_model, tiny_digits, cfg, progress=False, checkpoint_dir=tmp_path, stop_after=10)
     steps_seen = []
     resumed, resumed_raw = train_model(tiny_model, tiny_digits, cfg, progress=False, checkpoint_dir=tmp_path,

@@ -238,6 +238,8 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
             _atomic_save({**identity, "step": step, "unet": net.state_dict(), "ema": ema.state_dict(),
                           "optimizer": opt.state_dict(), "version": 1}, ckpt_path)
 
+    if stop_after is not None and stop_after <= start < cfg.steps:
+        raise TrainingInterrupted(f"the checkpoint is already at step {start} >= stop_after={stop_after}")
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     smooth = None
     # dropout uses the global generator: seed it per step (so resuming is exact) without disturbing the caller
