@@ -139,6 +139,10 @@ def test_controls_two_way(session):
     assert session.damping == session.backend.default_damping["trak"]
     assert c.damping.min <= math.log10(session.damping) <= c.damping.max
     assert c.damping.value == pytest.approx(session.damping)
+    # the front end snaps a value to its step grid (10^0.05) and echoes it back: that is not a user change
+    d = session.damping
+    c.damping.value = 10 ** (round(math.log10(d) / 0.05) * 0.05)
+    assert session.damping == d
     session.damping = 3e-2  # session -> slider
     assert c.damping.value == pytest.approx(3e-2)
     session.update(method="ekfac", damping=1e-9)  # outside the slider's range: it widens

@@ -16,13 +16,14 @@ MEASUREMENT_HELP = {
     "elbo": "ELBO — full variational bound",
     "square_norm": "square norm (D-TRAK) — loss with zero targets",
     "trajectory_logprob": "sampling-trajectory log-probability",
-    "journey": "Journey-TRAK per-step loss",
+    "journey_trak": "Journey-TRAK per-step loss (generated queries)",
 }
 METHOD_HELP = {
     "ekfac": "EK-FAC influence (paper)",
     "kfac": "K-FAC influence",
     "trak": "TRAK (projected, GGN of the loss)",
     "dtrak": "D-TRAK (square-norm gradients)",
+    "journey_trak": "Journey-TRAK (generated queries)",
     "similarity": "pixel similarity baseline",
 }
 
@@ -52,7 +53,7 @@ class Controls(W.VBox):
         self.measurement = W.Dropdown(options=[(_label(m, MEASUREMENT_HELP), m) for m in b.measurements],
                                       value=session.measurement, description="measurement", style=style, layout=lay,
                                       tooltip="The measurement of the query whose change the scores predict")
-        lo, hi = self._range(session.method)
+        lo, hi = self._range()
         self.damping = W.FloatLogSlider(value=session.damping, base=10, min=lo, max=hi, step=0.05,
                                         description="damping λ", readout_format=".2e", continuous_update=True,
                                         style=style, layout=W.Layout(width="460px"),
@@ -85,9 +86,12 @@ class Controls(W.VBox):
                           self.k], **kwargs)
         self.add_class("dinf-controls")
 
-    def _range(self, method: str) -> tuple[float, float]:
-        c = math.log10(self.session.default_damping(method))
-        return math.floor(c) - DECADES_BELOW, math.ceil(c) + DECADES_ABOVE
+    def _range(self) -> tuple[float, float]:
+        """One fixed range (log10) covering every method family's default: changing the range together with the
+        value lets the front end clamp the value to the old range and send the clamped value back."""
+        logs = [math.log10(self.session.default_damping(m)) for m in self.session.backend.methods]
+        logs.append(math.log10(self.session.damping))
+        return math.floor(min(logs)) - DECADES_BELOW, math.ceil(max(logs)) + DECADES_ABOVE
 
     def _ui(self, name: str):
         def handler(change):
@@ -95,10 +99,11 @@ class Controls(W.VBox):
                 return
             if name == "method":
                 # λ is not comparable across method families: switch to the new method's default damping
-                lo, hi = self._range(change["new"])
                 self.session.update(method=change["new"], damping=self.session.default_damping(change["new"]))
-                self._set_range(lo, hi)
             else:
+                if name == "damping" and _within_half_step(change["new"], self.session.damping, self.damping.step):
+                    # the front end snapped our value to its step grid and echoed it back: not a user change
+                    return
                 try:
                     setattr(self.session, name, _band_value(change["new"]) if name == "band" else change["new"])
                 except traitlets.TraitError:
@@ -106,15 +111,12 @@ class Controls(W.VBox):
         return handler
 
     def _set_range(self, lo: float, hi: float) -> None:
+        # bounds first, in their own message, then the value: never a value outside the front end's range
         self._syncing = True
         try:
             with self.damping.hold_sync():
-                # widen first so the value never falls outside while the bounds move
-                self.damping.min = min(lo, self.damping.min)
-                self.damping.max = max(hi, self.damping.max)
-                self.damping.value = self.session.damping
                 self.damping.min, self.damping.max = lo, hi
-                self.damping.value = self.session.damping
+            self.damping.value = self.session.damping
         finally:
             self._syncing = False
 
@@ -146,3 +148,10 @@ def _band_value(key: str):
         return None
     lo, hi = key.split("-")
     return (int(lo), int(hi))
+
+
+def _within_half_step(a: float, b: float, step: float) -> bool:
+    try:
+        return abs(math.log10(a) - math.log10(b)) <= step / 2 + 1e-9
+    except ValueError:
+        return False

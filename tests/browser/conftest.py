@@ -32,7 +32,8 @@ def browser(tmp_path_factory):
         ctx.close()
 
 
-def _server(kind, tmp_path_factory):
+def _server(kind, tmp_path_factory, backend):
+    # ``backend`` first: it builds the demo cache (when missing) that the kernel then only loads
     srv = H.start_server(kind, tmp_path_factory.mktemp(kind))
     try:
         yield srv
@@ -43,13 +44,13 @@ def _server(kind, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def voila(tmp_path_factory):
-    yield from _server("voila", tmp_path_factory)
+def voila(tmp_path_factory, backend):
+    yield from _server("voila", tmp_path_factory, backend)
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    yield from _server("lab", tmp_path_factory)
+def lab(tmp_path_factory, backend):
+    yield from _server("lab", tmp_path_factory, backend)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -98,7 +98,7 @@ def test_voila_renders_and_damping_reorders_as_backend_says(page, voila, browser
 def test_voila_query_proxy_method_band_generate(page, voila, browser, backend):
     st = open_voila(page, voila)
     # choose another query in the picker
-    target = backend.queries()[3].id
+    target = [q.id for q in backend.queries()][3]
     page.click(f".dinf-picker .dinf-query[data-id='{target}']")
     st = wait_settled(page, st["request_id"])
     assert st["query_id"] == target
@@ -119,15 +119,14 @@ def test_voila_query_proxy_method_band_generate(page, voila, browser, backend):
     st = wait_settled(page, st["request_id"])
     assert st["band"] == [250, 500]
     H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
-    # generate a new query with a seed
+    # generate a new query with a seed (the same sample is drawn here, from the same seed)
+    new_id = backend.generate_query(42).id
     page.fill(".dinf-picker .dinf-seed", "42")
     page.click(".dinf-picker .dinf-generate-btn")
-    st = wait_settled(page, st["request_id"])
-    assert st["query_id"] == 100_042
-    page.wait_for_selector(".dinf-picker .dinf-query[data-id='100042'].dinf-selected img")
-    ref = H.make_backend()
-    ref.generate_query(42)
-    H.check_gallery_matches_backend(page, ref, PAGE_SIZE)
+    st = wait_settled(page, st["request_id"], timeout=120_000)
+    assert st["query_id"] == new_id
+    page.wait_for_selector(f".dinf-picker .dinf-query[data-id='{new_id}'].dinf-selected img")
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
     H.screenshot(page, "voila-03-query-proxy-method")
     no_errors(page, browser)
 
