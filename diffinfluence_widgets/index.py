@@ -389,6 +389,8 @@ def store_feature_fn(projector, *, space: str = "parameter", curvature=None, whi
                 for n in curvature.layer_names}
 
     def f(layers):
+        # rotate in float64: float32 rounding of the rotation spreads ~1e-7·‖g‖ into every coordinate, which the
+        # whitening would amplify by up to 1/√λ₀ in the near-null directions
         rot = curvature.rotate({n: layers[n].double() for n in curvature.layer_names})
         return projector.project({n: rot[n] * inv_sqrt[n].to(rot[n].device) for n in rot})
     return f
@@ -448,7 +450,7 @@ class FeatureIndex:
     """Maximum-inner-product search over stored features with FAISS.
 
     ``kind="flat"`` (default): exact ``IndexFlatIP``. ``"ivf"``: ``IndexIVFFlat`` with inner product
-    (``nlist`` ≈ 4√N cells, ``nprobe`` searched). ``"hnsw"``: ``IndexHNSWFlat`` with inner product
+    (``nlist`` ≈ √N cells trained on a subsample, ``nprobe`` searched). ``"hnsw"``: ``IndexHNSWFlat`` with inner product
     (``hnsw_m`` links, ``ef_search``). The approximate kinds are for large N (≳ 10⁵).
     """
 
@@ -464,11 +466,16 @@ class FeatureIndex:
         if kind == "flat":
             index = faiss.IndexFlatIP(self.dim)
         elif kind == "ivf":
-            nlist = int(nlist or max(1, min(x.shape[0] // 39, int(4 * math.sqrt(x.shape[0])))))
+            nlist = int(nlist or max(1, min(x.shape[0] // 39, int(math.sqrt(x.shape[0])))))
             quant = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = int(seed)
-            index.train(x)
+            index.cp.niter = 10
+            # k-means on a seeded subsample (≤ 64 points per cell) keeps the build time linear in N
+            m = min(x.shape[0], 64 * nlist)
+            sub = x if m == x.shape[0] else x[np.sort(np.random.default_rng(seed).choice(x.shape[0], m, False))]
+            index.cp.max_points_per_centroid = 64
+            index.train(sub)
             index.nprobe = min(int(nprobe), nlist)
             self._quant = quant
         elif kind == "hnsw":
@@ -551,11 +558,13 @@ class KFACQuery:
 
     def rotate(self, layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Query gradients (``[..., d_out, d_in+1]`` per layer) into the eigenbasis (do this once per query)."""
-        g = {n: layers[n].to(self.device, self.dtype) for n in self.names}
+        # rotate in float64 (once per query; see store_feature_fn), then keep the working dtype: the damping
+        # division is per coordinate, so float32 loses nothing there
+        g = {n: layers[n].to(self.device, torch.float64) for n in self.names}
         rot = self.curv.rotate(g)
         if self.space == "eigen":
-            rot = {n: rot[n] * self.scale[n] for n in self.names}
-        return rot
+            rot = {n: rot[n] * self.scale[n].double() for n in self.names}
+        return {n: rot[n].to(self.dtype) for n in self.names}
 
     def project(self, rotated: Mapping[str, torch.Tensor], damping: float) -> torch.Tensor:
         """``[..., k]`` feature of the preconditioned query at damping λ (float64)."""
@@ -584,6 +593,8 @@ class KFACQuery:
 GENERATED_ID_BASE = 1_000_000
 KFAC_METHODS = ("ekfac", "kfac")
 TRAK_METHODS = ("trak", "dtrak", "journey_trak")
+#: ``index_kind="auto"``: exact flat search up to this many training examples, IVF above
+AUTO_FLAT_MAX = 50_000
 #: paper default λ for the K-FAC family (relative to the GGN of the per-pixel-mean, per-example-mean loss)
 DEFAULT_KFAC_DAMPING = 1e-8
 
@@ -611,6 +622,13 @@ class IndexBackend:
     is ``measurement="square_norm"``), ``"journey_trak"`` (TRAK with the query's per-step trajectory loss;
     generated queries only). Damping values of the two families are not comparable (:attr:`default_damping`).
 
+    Main settings: ``k`` (= ``k_b · k_a``, Kronecker projection), ``space`` (``"eigen"``: whitened store, default;
+    ``"parameter"``: ``R g``), ``num_draws`` / ``draw_seed`` (training-side draws), ``query_num_draws``,
+    ``index_kind`` (``"auto"``: exact ``"flat"`` up to 50 000 examples, ``"ivf"`` above; or ``"hnsw"``),
+    ``rescore_candidates`` (> 0: rescore that many candidates per side with full gradients in :meth:`search`),
+    ``on_train_gradients(measurement, LayerGradients)`` (called for every batch of training gradients while a
+    store is built), ``query_dtype`` (float32: the damping slider's arithmetic; float64 for exactness checks).
+
     Sign convention: a **positive** score means removing the training example is predicted to **increase** the
     query's measurement (for the loss: a proponent).
     """
@@ -621,9 +639,10 @@ class IndexBackend:
                  whiten_damping: float | None = None, num_draws: int = 64, draw_seed: int = 0,
                  query_num_draws: int = 128, num_generated: int = 8, num_bands: int = 4,
                  methods: Sequence[str] = ("ekfac", "kfac", "trak", "dtrak", "journey_trak"),
-                 measurements: Sequence[str] | None = None, index_kind: str = "flat",
+                 measurements: Sequence[str] | None = None, index_kind: str = "auto",
                  rescore_candidates: int = 0, shard_size: int = 256, batch_size: int = 16, device=None,
-                 progress: bool = True):
+                 progress: bool = True, on_train_gradients: Callable | None = None,
+                 query_dtype: torch.dtype = torch.float32):
         from .influence.gradients import layer_shapes
         from .influence.projection import make_projector
         from .influence.trak import TRAKScorer
@@ -653,6 +672,7 @@ class IndexBackend:
         self.batch_size, self.shard_size = int(batch_size), int(shard_size)
         self.rescore_candidates = int(rescore_candidates)
         self.space = space
+        self.on_train_gradients = on_train_gradients
         shapes_all = layer_shapes(model)
         self.layer_names = list(curvature.layer_names)
         missing = [n for n in self.layer_names if n not in shapes_all]
@@ -673,13 +693,15 @@ class IndexBackend:
         self._feat = {"kfac": self.stores["loss"].arrays[kfac_array], "trak": self.stores["loss"].arrays["features"]}
         if "square_norm" in self.stores:
             self._feat["dtrak"] = self.stores["square_norm"].arrays["features"]
+        if index_kind == "auto":
+            index_kind = "flat" if len(self.train_ids) <= AUTO_FLAT_MAX else "ivf"
         self.index_kind = index_kind
         self._index: dict[str, FeatureIndex] = {}
         for key, feats in self._feat.items():
             same = next((k2 for k2, f2 in self._feat.items() if k2 in self._index and f2 is feats), None)
             self._index[key] = self._index[same] if same else FeatureIndex(feats, self.train_ids, kind=index_kind)
         self._kfac = {m: KFACQuery(curvature, self.projector, space=space, whiten_damping=self.whiten_damping,
-                                   eigenvalues=m) for m in KFAC_METHODS if m in self.methods}
+                                   eigenvalues=m, dtype=query_dtype) for m in KFAC_METHODS if m in self.methods}
         self._trak = {}
         if any(m in self.methods for m in ("trak", "journey_trak")):
             self._trak["trak"] = TRAKScorer.from_store(self.stores["loss"], "features")
@@ -746,6 +768,8 @@ class IndexBackend:
         def compute(lo: int, hi: int):
             g = per_example_gradients(self.model, images[lo:hi], ids[lo:hi], measurement, num_draws=self.num_draws,
                                       seed=self.draw_seed, batch_size=self.batch_size, device=self.device)
+            if self.on_train_gradients is not None:  # e.g. a benchmark accumulating exact scores in the same pass
+                self.on_train_gradients(measurement, g)
             out = {"features": feat(g.layers)}
             if eig is not None:
                 out["eigen"] = eig({n: g.layers[n] for n in self.layer_names})
@@ -869,12 +893,20 @@ class IndexBackend:
         return PreparedQuery(query_id=int(query_id), measurement=measurement, method=method, band=band,
                              payload=payload)
 
-    def _query_features(self, prepared, damping: float) -> np.ndarray:
-        """``[1 + nb, dim]`` float64: the searched query feature (row 0) and its per-band parts."""
+    def _query_features(self, prepared, damping: float, all_rows: bool = False) -> np.ndarray:
+        """``[1, dim]`` (or ``[1 + nb, dim]`` with the per-band parts) float64: the searched query feature at λ."""
         p: _Payload = prepared.payload
+        key = (id(p), float(damping), all_rows)
+        cached = getattr(p, "_last", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         if p.family == "kfac":
-            return p.engine.project(p.vectors, damping).cpu().numpy()
-        return p.engine.query_feature(p.vectors, damping)
+            vec = p.vectors if all_rows else {n: v[:1] for n, v in p.vectors.items()}
+            out = p.engine.project(vec, damping).cpu().numpy()
+        else:
+            out = p.engine.query_feature(p.vectors if all_rows else p.vectors[:1], damping)
+        p._last = (key, out)  # the slider often asks search, then band_profile, at one λ
+        return out
 
     def scores(self, prepared, damping: float) -> np.ndarray:
         """Scores of every training example (``[N]`` float64, :attr:`train_ids` order) at damping λ."""
@@ -933,7 +965,7 @@ class IndexBackend:
         """``[num_bands, len(ids)]`` per-band contributions (they sum to the scores of ``ids``; a prepared band or
         a fixed-timestep measurement puts everything in its band)."""
         p: _Payload = prepared.payload
-        q = self._query_features(prepared, damping)
+        q = self._query_features(prepared, damping, all_rows=True)
         pos = np.array([self._train_pos[int(i)] for i in ids], dtype=np.int64) if len(ids) else np.zeros(0, int)
         feats = self._feat[p.store][pos].astype(np.float64)
         out = np.zeros((len(self.bands), len(pos)))
