@@ -183,7 +183,7 @@ def _run_pass(problem: FactorProblem, fisher: str, consume: Callable[[LayerCaptu
                 for cot in _cotangents(out, target, z, fisher):
                     for recs in cap.records.values():
                         for r in recs:
-                            r.b = None
+                            r.g = None
                     torch.autograd.backward(out, grad_tensors=cot, retain_graph=fisher == "exact")
                     consume(cap, out.shape[0], first)
                     first = False

@@ -169,22 +169,20 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
                     masks = band_masks(meas.draw_timesteps(d, traj).to(dev), band_list).to(dt)  # [nb, B, s]
                 for name in layers:
                     for rec in cap.calls(name):
-                        rows = rec.a.shape[0]
+                        rows = rec.x.shape[0]
                         if rows % B:
                             raise RuntimeError(f"layer {name!r} saw {rows} rows for {B} examples; measurements "
                                                "must call the network on example-major batches")
-                        k = rows // B
-                        a = rec.a.reshape(B, k * rec.a.shape[1], -1)
-                        b = rec.b.reshape(B, k * rec.b.shape[1], -1)
-                        acc[name] += torch.einsum("nro,nri->noi", b, a)
-                        if masks is not None:
-                            if k != d.num_draws:
-                                raise RuntimeError(f"measurement {meas.name!r}: layer {name!r} is called with {k} "
-                                                   f"rows per example for {d.num_draws} draws; cannot split by band")
-                            R = rec.a.shape[1]
-                            a4 = rec.a.reshape(B, k, R, -1)
-                            b4 = rec.b.reshape(B, k, R, -1)
-                            acc_b[name] += torch.einsum("mns,nsro,nsri->mnoi", masks, b4, a4)
+                        if masks is None:
+                            rec.add_per_example_(acc[name])
+                        else:
+                            if rows // B != d.num_draws:
+                                raise RuntimeError(f"measurement {meas.name!r}: layer {name!r} is called with "
+                                                   f"{rows // B} rows per example for {d.num_draws} draws; cannot "
+                                                   "split by band")
+                            bw = rec.per_example(B, masks)
+                            acc[name] += bw.sum(0)
+                            acc_b[name] += bw
                 cap.clear()
             parts.append(LayerGradients(acc, ids_t[sl].clone(), acc_b, band_list))
             bar.update(B)
