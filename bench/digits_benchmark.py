@@ -86,7 +86,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(preset="quick", num_train=160, train_steps=400, num_subsets=12, num_seeds=2, num_queries=16,
+        return cls(preset="quick", num_train=160, train_steps=400, num_subsets=12, num_seeds=2, num_queries=64,
                    target_draws=256, grad_draws=32, curvature_draws=16, trak_dim=1024, cf_queries=2,
                    cf_seeds=(0,), cf_random_sets=1, cf_methods=("K-FAC (λ=1e-8)", "D-TRAK"), num_workers=1)
 
@@ -188,6 +188,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     ap.add_argument("--cache", type=Path, default=None, help="retraining cache folder")
     ap.add_argument("--out", type=Path, default=None, help="where tables and figures go")
+    ap.add_argument("--clip", type=Path, default=None,
+                    help="folder of a locally stored CLIP model (transformers format): adds a CLIP-similarity row")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a setting, e.g. --set num_subsets=20 (repeatable; tuples as 1,2)")
     args = ap.parse_args(argv)
@@ -254,12 +256,14 @@ def main(argv=None) -> dict:
 
     sweeps: dict[str, dict] = {}
     score_at: dict[str, dict[float, np.ndarray]] = {}
+    per_query: dict[str, dict[float, np.ndarray]] = {"oracle": {0.0: orc.per_query}}
 
     def record(name: str, family: str, scores_by_lambda: dict, extra: dict | None = None) -> None:
         pts = []
         for lam, mat in scores_by_lambda.items():
             r = lds(mat, subsets, targets, q_ids)
             pts.append({"damping": lam, "lds": r.mean, "sem": r.sem, "undefined": r.num_undefined})
+            per_query.setdefault(name, {})[float(lam)] = r.per_query
         sweeps[name] = {"family": family, "points": pts, **(extra or {})}
         score_at[name] = scores_by_lambda
         best = max(pts, key=lambda p: p["lds"])
@@ -294,7 +298,15 @@ def main(argv=None) -> dict:
         sim = pixel_similarity(q_images, train, query_ids=q_ids, center=center)
         r = lds(sim, subsets, targets, q_ids)
         pixel[name] = {"scores": sim.matrix, "lds": r.mean, "sem": r.sem}
+        per_query[name] = {0.0: r.per_query}
         log(f"{name}: LDS {r}")
+    if args.clip is not None:
+        from diffinfluence_widgets.evaluation.baselines import clip_image_encoder, feature_similarity
+
+        sim = feature_similarity(clip_image_encoder(args.clip), q_images, train, query_ids=q_ids, name="clip")
+        r = lds(sim, subsets, targets, q_ids)
+        pixel["CLIP"] = {"scores": sim.matrix, "lds": r.mean, "sem": r.sem}
+        log(f"CLIP similarity: LDS {r}")
 
     # table ------------------------------------------------------------------------------------------------------
     def at(name: str, lam: float | None):
@@ -318,10 +330,10 @@ def main(argv=None) -> dict:
         b = at(name, None)
         rows.append({"method": labels[name], "lds_default": None, "sem_default": None, "lds_best": b["lds"],
                      "sem_best": b["sem"], "best_damping": b["damping"], "paper_cifar2": paper[name]})
-    for name in ("pixel", "pixel (centred)"):
+    for name in pixel:
         rows.append({"method": f"{name} cosine similarity", "lds_default": pixel[name]["lds"],
                      "sem_default": pixel[name]["sem"], "lds_best": None, "sem_best": None, "best_damping": None,
-                     "paper_cifar2": "5.3 ± 0.7 (CLIP)" if name == "pixel" else "—"})
+                     "paper_cifar2": "5.3 ± 0.7" if name == "CLIP" else "—"})
     rows.append({"method": "exact retraining (oracle)", "lds_default": orc.mean, "sem_default": orc.sem,
                  "lds_best": None, "sem_best": None, "best_damping": None, "paper_cifar2": "50.3 ± 0.2"})
 
@@ -334,6 +346,32 @@ def main(argv=None) -> dict:
         lam = "—" if r["best_damping"] is None else f"{r['best_damping']:.3g}"
         lines.append(f"| {r['method']} | {pct(r['lds_default'], r['sem_default'])} | "
                      f"{pct(r['lds_best'], r['sem_best'])} | {lam} | {r['paper_cifar2']} |")
+    # paired differences over the same queries: far less noisy than comparing two means ± s.e.
+    def pq(name: str, lam: float | None | str) -> np.ndarray:
+        if name not in sweeps:
+            return next(iter(per_query[name].values()))
+        return per_query[name][at(name, None if lam == "best" else lam)["damping"]]
+
+    pairs = [("K-FAC", 1e-8, "TRAK", "best", "K-FAC > TRAK"), ("K-FAC", "best", "TRAK", "best", "K-FAC > TRAK"),
+             ("K-FAC", 1e-8, "D-TRAK", "best", "K-FAC ≈ D-TRAK"), ("K-FAC", 1e-8, "K-FAC reduce", 1e-8, "expand > reduce"),
+             ("K-FAC", "best", "K-FAC reduce", "best", "expand > reduce"),
+             ("K-FAC GGN^loss", 1e-8, "K-FAC reduce GGN^loss", 1e-8, "expand > reduce"),
+             ("K-FAC", 1e-8, "K-FAC GGN^loss", 1e-8, "GGN^model ≥ GGN^loss"),
+             ("K-FAC", "best", "K-FAC GGN^loss", "best", "GGN^model ≥ GGN^loss"),
+             ("EK-FAC", 1e-8, "K-FAC", 1e-8, "EK-FAC ≥ K-FAC"), ("oracle", None, "D-TRAK", "best", "oracle highest"),
+             ("oracle", None, "pixel", None, "oracle highest"), ("K-FAC", 1e-8, "pixel", None, "(pixel baseline)")]
+    paired = []
+    pair_lines = ["| comparison (A − B, per-query LDS) | paper's finding | mean difference (pp) ± s.e. | A better in |",
+                  "|---|---|---|---|"]
+    for a, la, b, lb, finding in pairs:
+        d = pq(a, la) - pq(b, lb)
+        sem = float(np.std(d, ddof=1) / np.sqrt(d.size))
+        fmt = lambda n, l: n if l is None else f"{n} (λ={'best' if l == 'best' else f'{l:g}'})"
+        paired.append({"a": fmt(a, la), "b": fmt(b, lb), "finding": finding, "mean": float(d.mean()), "sem": sem,
+                       "a_better_fraction": float((d > 0).mean())})
+        pair_lines.append(f"| {fmt(a, la)} − {fmt(b, lb)} | {finding} | {100 * d.mean():+.1f} ± {100 * sem:.1f} | "
+                          f"{int((d > 0).sum())}/{d.size} queries |")
+
     sweep_lines = ["| method | " + " | ".join(["λ → LDS (%)"]) + " |", "|---|---|"]
     for name, sw in sweeps.items():
         sweep_lines.append(f"| {name} | " + ", ".join(f"{p['damping']:.2g}: {100 * p['lds']:.1f}"
@@ -366,11 +404,12 @@ def main(argv=None) -> dict:
     figs += save_figure(counterfactual_figure(cf_rows), out, "retrain_without_top")
     timings["total"] = round(time.time() - t_all, 1)
     cmd = "python bench/digits_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = "\n".join(["### LDS", "", *lines, "", "### Damping sweeps", "", *sweep_lines, "",
+    table = "\n".join(["### LDS", "", *lines, "", "### Paired comparisons", "", *pair_lines, "",
+                       "### Damping sweeps", "", *sweep_lines, "",
                        "### Retraining without the top-scored examples", "", *cf_lines])
     (out / "table.md").write_text(f"Command: `{cmd.strip()}`\n\n{table}\n")
     result = {"settings": dataclasses.asdict(s), "command": cmd.strip(), "timings_s": timings, "table": rows,
-              "sweeps": sweeps, "oracle": {"mean": orc.mean, "sem": orc.sem},
+              "sweeps": sweeps, "paired": paired, "oracle": {"mean": orc.mean, "sem": orc.sem},
               "counterfactual": cf_rows, "figures": figs,
               "target_spread": {"between_subsets_sd": float(targets.mean(2).std(1).mean()),
                                 "between_seeds_sd": float(targets.std(2, ddof=1).mean())}}
