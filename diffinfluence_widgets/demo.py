@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -224,6 +222,8 @@ def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict) -> dict | N
 
 
 def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, **extra) -> dict:
+    import torch
+
     meta = {"step": step, "config_name": cfg.name, "config_digest": cfg.digest(), "seconds": round(seconds, 3),
             "threads": torch.get_num_threads(), "finished": time.time(), **extra}
     _atomic_write_text(root / step / "step.json", json.dumps(meta, indent=1, sort_keys=True))
@@ -245,8 +245,7 @@ class DemoArtifacts:
 
 
 def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
-                       device: str | torch.device | None = None, progress: bool = True,
-                       threads: int | None = None, rebuild: bool = False):
+                       device=None, progress: bool = True, threads: int | None = None, rebuild: bool = False):
     """Build (or reopen from ``cache_dir``) the digits demo and return its
     :class:`~diffinfluence_widgets.index.IndexBackend`.
 
@@ -273,10 +272,12 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
 
 
 def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
-               device: str | torch.device | None = None, progress: bool = True, threads: int | None = None,
-               rebuild: bool = False, until: str = "index") -> DemoArtifacts:
+               device=None, progress: bool = True, threads: int | None = None, rebuild: bool = False,
+               until: str = "index") -> DemoArtifacts:
     """:func:`load_or_build_demo`, stopping after step ``until`` (``"train"``, ``"curvature"`` or ``"index"``)
     and returning every artifact (:class:`DemoArtifacts`)."""
+    import torch
+
     from .data import load_digits
     from .diffusion import DiffusionModel, resolve_device, train_model
     from .index import IndexBackend

@@ -1,0 +1,108 @@
+"""The digits demo build: cached steps, a second run that only loads, stale / foreign caches refused."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from diffinfluence_widgets.demo import (DEMO_CONFIGS, DemoCacheError, build_demo, config_from_env, default_cache_dir,
+                                        demo_config, load_or_build_demo)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "tiny"
+    t0 = time.perf_counter()
+    backend = load_or_build_demo("tiny", root, threads=1, progress=False)
+    return root, backend, time.perf_counter() - t0
+
+
+def test_unknown_config_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown demo config 'huge'.*'demo', 'tiny'"):
+        demo_config("huge")
+    with pytest.raises(ValueError, match="threads"):
+        load_or_build_demo("tiny", "/nonexistent-never-created", threads=0)
+
+
+def test_config_switch_and_default_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("DIFFINFLUENCE_SMALL", raising=False)
+    assert config_from_env() == "demo"
+    monkeypatch.setenv("DIFFINFLUENCE_SMALL", "1")
+    assert config_from_env() == "tiny"
+    monkeypatch.delenv("DIFFINFLUENCE_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_dir("tiny") == tmp_path / "diffinfluence-cache" / "tiny"
+    monkeypatch.setenv("DIFFINFLUENCE_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir("demo") == tmp_path / "c" / "demo"
+    assert DEMO_CONFIGS["tiny"].digest() != DEMO_CONFIGS["demo"].digest()
+    assert DEMO_CONFIGS["tiny"].replace(k=512).digest() != DEMO_CONFIGS["tiny"].digest()
+
+
+def test_first_build_makes_a_working_backend(tiny_cache):
+    root, backend, seconds = tiny_cache
+    info = backend.demo_info
+    assert not info["reused"] and info["threads"] == 1
+    assert {"model", "curvature", "index", "manifest.json"} <= {p.name for p in root.iterdir()}
+    for step in ("model", "curvature", "index"):
+        meta = json.loads((root / step / "step.json").read_text())
+        assert meta["config_name"] == "tiny" and meta["config_digest"] == DEMO_CONFIGS["tiny"].digest()
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())
+    kinds = {q.kind for q in backend.queries()}
+    assert kinds == {"generated", "heldout"}
+    q = backend.queries()[0].id
+    r = backend.search(backend.prepare(q, "loss", "ekfac"), 1e-8, 5)
+    assert len(r.proponent_ids) == 5 and r.proponent_scores[0] >= r.opponent_scores[0]
+    print(f"tiny demo build: {seconds:.1f} s on 1 thread")
+    assert seconds < 120  # "well under a minute" on an idle core; generous for a loaded CI machine
+
+
+def test_second_run_reuses_the_cache(tiny_cache):
+    root, first, _ = tiny_cache
+    t0 = time.perf_counter()
+    again = load_or_build_demo("tiny", root, threads=1, progress=False)
+    seconds = time.perf_counter() - t0
+    info = again.demo_info
+    assert info["reused"] and all(s["reused"] for s in info["steps"].values())
+    assert seconds < 15, f"second run took {seconds:.1f} s"
+    print(f"tiny demo reuse: {seconds:.2f} s")
+    assert again.model.fingerprint() == first.model.fingerprint()
+    q = first.queries()[0].id
+    a = first.scores(first.prepare(q, "loss", "ekfac"), 1e-8)
+    b = again.scores(again.prepare(q, "loss", "ekfac"), 1e-8)
+    assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_cache_of_another_config_is_refused(tiny_cache, tmp_path):
+    root, _, _ = tiny_cache
+    with pytest.raises(DemoCacheError, match="holds the 'tiny' config, not 'demo'.*--rebuild"):
+        load_or_build_demo("demo", root, progress=False)
+    variant = DEMO_CONFIGS["tiny"].replace(k=64)
+    with pytest.raises(DemoCacheError, match="other settings of the 'tiny' config"):
+        load_or_build_demo(variant, root, progress=False)
+    # nothing was touched
+    assert json.loads((root / "manifest.json").read_text())["config_digest"] == DEMO_CONFIGS["tiny"].digest()
+
+
+def test_a_folder_that_is_not_a_demo_cache_is_never_deleted(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    for rebuild in (False, True):
+        with pytest.raises(DemoCacheError):
+            load_or_build_demo("tiny", tmp_path, progress=False, rebuild=rebuild)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_stale_cache_is_rebuilt_only_when_asked(tmp_path):
+    quick = DEMO_CONFIGS["tiny"].replace(train={"steps": 2, "batch_size": 8, "checkpoint_every": 1})
+    first = build_demo(quick, tmp_path, threads=1, progress=False, until="train")
+    assert not first.info["reused"]
+    again = build_demo(quick, tmp_path, threads=1, progress=False, until="train")
+    assert again.info["reused"] and again.model.fingerprint() == first.model.fingerprint()
+    changed = quick.replace(train={"steps": 3, "batch_size": 8, "checkpoint_every": 1})
+    with pytest.raises(DemoCacheError):
+        build_demo(changed, tmp_path, threads=1, progress=False, until="train")
+    rebuilt = build_demo(changed, tmp_path, threads=1, progress=False, until="train", rebuild=True)
+    assert not rebuilt.info["reused"] and rebuilt.model.fingerprint() != first.model.fingerprint()
+    with pytest.raises(ValueError, match="until"):
+        build_demo(quick, tmp_path, until="everything")
