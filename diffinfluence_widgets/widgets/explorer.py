@@ -87,7 +87,7 @@ class InfluenceExplorer(W.VBox):
         data = {"request_id": r.request_id, "query_id": r.query_id, "measurement": r.measurement,
                 "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
                 "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
-                "page": self.gallery.page}
+                "page": self.gallery.page, "elapsed_ms": round(r.elapsed_s * 1000, 3)}
         if self.check_backend:
             b = self.session.backend
             p = b.prepare(r.query_id, r.measurement, r.method, r.band)

@@ -143,7 +143,8 @@ class RankStability(_View):
         self.fig.update_layout(title="Rank stability across damping (current top proponents)",
                                xaxis=dict(type="log", title="damping λ"),
                                yaxis=dict(title="rank (1 = strongest proponent)", type="log", autorange="reversed"),
-                               yaxis2=dict(title="top-k overlap", overlaying="y", side="right", range=[0, 1.05]))
+                               yaxis2=dict(title="top-k overlap", overlaying="y", side="right", range=[0, 1.05],
+                                           tickvals=[0, 0.25, 0.5, 0.75, 1.0], showgrid=False))
 
     def _compute(self):
         return self.session.damping_sweep()
@@ -172,7 +173,8 @@ class BandProfile(_View):
 
     def _setup(self):
         self.fig.update_layout(title="Timestep-band profile of the top influences", barmode="relative",
-                               xaxis_title="training image (P = proponent, O = opponent)", yaxis_title="score")
+                               xaxis_title="training image (P = proponent, O = opponent)", yaxis_title="score",
+                               height=380, margin=dict(l=55, r=20, t=40, b=110), legend=dict(orientation="h", y=-0.45))
 
     def _compute(self):
         r = self.session.result

@@ -53,6 +53,11 @@ def lab(tmp_path_factory, backend):
     yield from _server("lab", tmp_path_factory, backend)
 
 
+@pytest.fixture(scope="module")
+def notebook7(tmp_path_factory, backend):
+    yield from _server("notebook", tmp_path_factory, backend)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     rep = (yield).get_result()

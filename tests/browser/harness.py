@@ -61,13 +61,13 @@ def make_backend():
     return ns["backend"]
 
 
-def write_notebook(path: Path, k: int = 16, page_size: int = 12) -> Path:
+def write_notebook(path: Path, k: int = 16, page_size: int = 12, check_backend: bool = True) -> Path:
     setup = ("import os\n"
              "os.environ.setdefault('OMP_NUM_THREADS', '1')\n"
              "try:\n    import torch; torch.set_num_threads(1)\nexcept ImportError:\n    pass\n"
              + backend_code() +
              "from diffinfluence_widgets.widgets import InfluenceExplorer\n"
-             f"explorer = InfluenceExplorer(backend, check_backend=True, k={k}, page_size={page_size})\n"
+             f"explorer = InfluenceExplorer(backend, check_backend={check_backend}, k={k}, page_size={page_size})\n"
              "explorer")
     check = ("explorer.session.wait()\n"
              "r = explorer.session.result\n"
@@ -126,9 +126,9 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def start_server(kind: str, tmp: Path, notebook: str = "explorer.ipynb") -> Server:
+def start_server(kind: str, tmp: Path, notebook: str = "explorer.ipynb", check_backend: bool = True) -> Server:
     root = tmp / "root"
-    write_notebook(root / notebook)
+    write_notebook(root / notebook, check_backend=check_backend)
     port = free_port()
     auth = ["--IdentityProvider.token=", "--ServerApp.disable_check_xsrf=True"]
     if kind == "lab":
@@ -138,18 +138,24 @@ def start_server(kind: str, tmp: Path, notebook: str = "explorer.ipynb") -> Serv
                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
         if os.geteuid() == 0:
             cmd.append("--ServerApp.allow_root=True")
+    elif kind == "notebook":
+        cmd = [str(BIN / "jupyter"), "notebook", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
+               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", *auth,
+               "--JupyterNotebookApp.expose_app_in_browser=True"]
+        if os.geteuid() == 0:
+            cmd.append("--ServerApp.allow_root=True")
     elif kind == "voila":
         cmd = [str(BIN / "voila"), str(root / notebook), "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
                "--Voila.port_retries=0", "--show_tracebacks=True",
                # Notebook 7's lab extension cannot load inside Voila (module federation error): leave it out
                "--VoilaConfiguration.extension_denylist=['@jupyter-notebook/lab-extension']"]
     else:
-        raise ValueError(f"kind must be 'lab' or 'voila', got {kind!r}")
+        raise ValueError(f"kind must be 'lab', 'notebook' or 'voila', got {kind!r}")
     log = tmp / f"{kind}.log"
     proc = subprocess.Popen(cmd, cwd=root, env=_env(tmp), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     srv = Server(kind, proc, port, root, log)
-    ready = f"{srv.url}/api/status" if kind == "lab" else f"{srv.url}/voila/templates/lab/static/voila.js"
+    ready = f"{srv.url}/api/status" if kind in ("lab", "notebook") else f"{srv.url}/voila/templates/lab/static/voila.js"
     wait_http(ready, srv, timeout=120)
     return srv
 
@@ -255,7 +261,7 @@ def watch_console(page) -> list[str]:
         if msg.type == "error":
             page.errors.append(f"console: {msg.text} @ {msg.location.get('url', '')}")
     page.on("console", on_console)
-    page.on("pageerror", lambda e: page.errors.append(f"pageerror: {e}"))
+    page.on("pageerror", lambda e: page.errors.append(f"pageerror: {e} | {(getattr(e, 'stack', '') or '')[:400]}"))
     return page.errors
 
 

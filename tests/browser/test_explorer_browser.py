@@ -45,8 +45,14 @@ def wait_slider_settled(page, after: int, timeout=60_000) -> dict:
     return wait_settled(page, after, timeout)
 
 
-def no_errors(page, browser):
-    errs = H.real_errors(page, browser.blocked)
+# Notebook 7.6's own core bundle throws this on a blank notebook too (checked with a one-cell "1+1" notebook in the
+# same isolated set-up): not ours, so it is the one error the Notebook 7 test lets through.
+NOTEBOOK7_CORE_ERROR = "Cannot read properties of undefined (reading 'schema')"
+
+
+def no_errors(page, browser, allow: tuple[str, ...] = ()):
+    errs = [e for e in H.real_errors(page, browser.blocked)
+            if not any(a in e and "/static/notebook/notebook_core." in e for a in allow)]
     assert errs == [], errs
     assert all("127.0.0.1" not in u and "localhost" not in u for u in browser.blocked)
 
@@ -247,3 +253,20 @@ def test_lab_explorer_damping_proxy_method_keyboard(page, lab, browser, backend)
     assert f"PYCHECK {st['request_id']} " in text and " kfac " in text
     no_errors(page, browser)
     H.lab_delete_sessions(lab)
+
+
+# ----------------------------------------------------------------------------------------------- Notebook 7
+def test_notebook7_explorer_damping(page, notebook7, browser, backend):
+    t0 = time.monotonic()
+    page.goto(f"{notebook7.url}/notebooks/explorer.ipynb", wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", state="visible", timeout=120_000)
+    page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    H.wait_explorer(page)
+    print(f"notebook 7: explorer visible after {time.monotonic() - t0:.1f}s")
+    st = wait_settled(page, 0)
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
+    drag_and_check(page, backend, -120)
+    H.screenshot(page, "notebook7-01-after-damping")
+    no_errors(page, browser, allow=(NOTEBOOK7_CORE_ERROR,))
+    H.lab_delete_sessions(notebook7)
