@@ -27,6 +27,14 @@ DEFAULT_PORT = 8866
 
 
 def _default_threads() -> int:
+    """``$DIFFINFLUENCE_THREADS`` when set, else min(4, CPU count). On a machine shared with other busy processes
+    use 1: several OpenMP threads competing for few cores can be many times slower than one."""
+    env = os.environ.get("DIFFINFLUENCE_THREADS", "").strip()
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise SystemExit(f"diffinfluence: DIFFINFLUENCE_THREADS must be an integer, got {env!r}") from None
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -58,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "another config or other settings)")
     g.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1' … (default: CUDA when available)")
     g.add_argument("--threads", type=int, default=_default_threads(),
-                   help="torch CPU threads (default: min(4, CPU count) = %(default)s)")
+                   help="torch CPU threads (default: $DIFFINFLUENCE_THREADS or min(4, CPU count) = %(default)s; "
+                        "use 1 on a machine shared with other busy processes)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     serve = argparse.ArgumentParser(add_help=False)
