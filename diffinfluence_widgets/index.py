@@ -35,7 +35,7 @@ import io
 import json
 import math
 import os
-import time
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +166,14 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
             "ids_sha256": _ids_digest(ids), "shard_size": shard_size, "num_shards": num_shards, "dtype": "float32"}
     rank, world = dist_utils.rank_and_world()
     mf = root / "manifest.json"
+    if world == 1 and resume and mf.is_file():  # already finished with these settings: just open it
+        try:
+            old = json.loads(mf.read_text())
+            if old.get("complete") and all(old.get(k) == head[k] for k in
+                                           ("format", "version", "settings", "ids_sha256", "shard_size")):
+                return ProjectedStore.open(root, verify=True)
+        except (ValueError, StoreError):
+            pass  # unreadable or damaged: fall through to the resuming build, which repairs shards
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
@@ -471,10 +479,10 @@ class FeatureIndex:
             index = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = int(seed)
             index.cp.niter = 10
-            # k-means on a seeded subsample (≤ 64 points per cell) keeps the build time linear in N
-            m = min(x.shape[0], 64 * nlist)
+            # k-means on a seeded subsample (≤ 40 points per cell) keeps the build time linear in N
+            m = min(x.shape[0], 40 * nlist)
             sub = x if m == x.shape[0] else x[np.sort(np.random.default_rng(seed).choice(x.shape[0], m, False))]
-            index.cp.max_points_per_centroid = 64
+            index.cp.max_points_per_centroid = 40
             index.train(sub)
             index.nprobe = min(int(nprobe), nlist)
             self._quant = quant
@@ -655,7 +663,7 @@ class IndexBackend:
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.progress = progress
-        fp_model = model.fingerprint()
+        self._model_fp = fp_model = model.fingerprint()
         if getattr(curvature, "model_fingerprint", fp_model) not in ("", fp_model):
             raise StoreMismatchError(f"the curvature was fitted for model {curvature.model_fingerprint}, but the "
                                      f"given model is {fp_model}; refit it for this model")
@@ -713,7 +721,7 @@ class IndexBackend:
                 self.default_damping[m] = self._trak["dtrak" if m == "dtrak" else "trak"].default_damping()
 
         # ---- queries: held-out images, then generated samples (with trajectories)
-        self._lock = __import__("threading").RLock()
+        self._lock = threading.RLock()
         self._queries: dict[int, Any] = {}
         self._trajectories: dict[int, Any] = {}
         from .backend import QueryItem
@@ -739,7 +747,7 @@ class IndexBackend:
 
     # ------------------------------------------------------------------ stores
     def _store_settings(self, measurement: str, with_eigen: bool) -> dict:
-        return {"model_fingerprint": self.model.fingerprint(), "dataset_fingerprint": self.train.fingerprint(),
+        return {"model_fingerprint": self._model_fp, "dataset_fingerprint": self.train.fingerprint(),
                 "measurement": measurement, "num_draws": self.num_draws, "draw_seed": self.draw_seed,
                 "projection": self.projector.spec(), "dtype": "float32", "gradient_mode": "eval",
                 "bias": "folded into the layer input as a constant 1",
@@ -800,7 +808,7 @@ class IndexBackend:
         with self._lock:
             if qid in self._queries:
                 return self._queries[qid]
-        path = self.cache_dir / "queries" / f"generated-{self.model.fingerprint()}-{seed}.pt"
+        path = self.cache_dir / "queries" / f"generated-{self._model_fp}-{seed}.pt"
         data = None
         if path.is_file():
             try:
