@@ -26,7 +26,12 @@ Two store *spaces* are supported. ``"parameter"`` is the method's literal design
 a fixed reference damping λ₀ — and projects the query as ``R (√(Λ + λ₀) ⊙ Qᵀ g_q ⊘ (Λ + λ))``. The inner product is
 the same quantity (a diagonal change of variables), still independent of λ, measurement and query, but the
 random-projection error ``‖u‖‖v‖/√k`` is far smaller because neither side is dominated by near-null directions
-of the curvature at small λ. It depends on the curvature, whose fingerprint the manifest then records.
+of the curvature at small λ. It depends on the curvature, whose fingerprint the manifest then records. Measured on
+256 digits (demo UNet after 500 steps, k = 4096, 8 held-out queries): recall@10 against exact EK-FAC scores at
+λ = 1e-8 was 0.04–0.09 for the parameter-space store and 0.78 for the eigen store (0.90 at k = 16 384), and the
+exact top-10 was inside the projected top-50 for 99 % of the queries — which is what exact rescoring of the
+candidates (``rescore_candidates``) relies on. λ₀ defaults to the K-FAC family's default damping, where the two
+sides are balanced.
 """
 from __future__ import annotations
 
@@ -601,6 +606,8 @@ class KFACQuery:
 GENERATED_ID_BASE = 1_000_000
 KFAC_METHODS = ("ekfac", "kfac")
 TRAK_METHODS = ("trak", "dtrak", "journey_trak")
+#: memory for the rotated full training gradients kept for exact rescoring (oldest evicted first)
+RESCORE_CACHE_BYTES = 512 << 20
 #: ``index_kind="auto"``: exact flat search up to this many training examples, IVF above
 AUTO_FLAT_MAX = 50_000
 #: paper default λ for the K-FAC family (relative to the GGN of the per-pixel-mean, per-example-mean loss)
@@ -949,23 +956,26 @@ class IndexBackend:
             raise ValueError("exact rescoring applies to the K-FAC family (TRAK is defined in the projected space)")
         ids = [int(i) for i in ids]
         store_meas = "loss"
-        todo = [i for i in ids if (store_meas, i) not in self._grad_cache]
+        local = {i: self._grad_cache[(store_meas, i)] for i in ids if (store_meas, i) in self._grad_cache}
+        todo = [i for i in dict.fromkeys(ids) if i not in local]
         if todo:
             pos = [self._train_pos[i] for i in todo]
             g = per_example_gradients(self.model, self.train.images[pos], todo, store_meas, num_draws=self.num_draws,
                                       seed=self.draw_seed, batch_size=self.batch_size, device=self.device)
             rot = self.curvature.rotate({n: g.layers[n].double() for n in self.layer_names})
+            per_entry = 4 * sum(rot[n][0].numel() for n in self.layer_names)
+            cap = max(1, RESCORE_CACHE_BYTES // max(per_entry, 1))
             for b, i in enumerate(todo):
-                if len(self._grad_cache) > 4096:
+                while len(self._grad_cache) >= cap:  # oldest first
                     self._grad_cache.pop(next(iter(self._grad_cache)))
-                self._grad_cache[(store_meas, i)] = {n: rot[n][b].float() for n in self.layer_names}
+                local[i] = self._grad_cache[(store_meas, i)] = {n: rot[n][b].float() for n in self.layer_names}
         eng: KFACQuery = p.engine
         out = np.zeros(len(ids))
         for n in self.layer_names:
             x = p.vectors[n][0] / (eng.lam[n] + float(damping))
             if eng.space == "eigen":
                 x = x / eng.scale[n]  # undo the query-side whitening scale: back to Qᵀ P_λ g_q
-            g = torch.stack([self._grad_cache[(store_meas, i)][n] for i in ids]).to(x.dtype)
+            g = torch.stack([local[i][n] for i in ids]).to(x.dtype)
             out += (g * x).flatten(1).sum(1).cpu().numpy()
         return out
 
