@@ -9,9 +9,10 @@ and returns an :class:`~diffinfluence_widgets.index.IndexBackend` ready for the 
    queries (with their trajectories) → ``index/`` (the :class:`IndexBackend` cache, resumable shard by shard).
 
 Each step writes its result into a temporary folder that is renamed into place only when complete, followed by
-a small ``step.json`` manifest (config digest, fingerprints, seconds taken). A second call finds every step done
-and only loads: it starts in seconds. A cache folder built for another config, or by another version of the
-settings, is **refused** with a clear error (``rebuild=True`` wipes and rebuilds it); nothing is reused silently.
+a small ``step.json`` manifest (digest of the settings the step depends on, fingerprints, seconds taken). A second
+call finds every step done and only loads: it starts in seconds. A step whose settings changed is rebuilt (and
+says so); a cache folder of another config, or a folder that is not a demo cache, is **refused** with a clear
+error (``rebuild=True`` wipes and rebuilds it). Nothing is reused silently.
 
 Configs: ``"tiny"`` (8×8 digits, a ≈20k-parameter UNet; well under a minute on one core — tests, CI, small
 Binder machines) and ``"demo"`` (16×16 digits, recognisable samples; a few minutes on two cores).
@@ -53,7 +54,8 @@ def _f(default, help: str):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything the demo build depends on. Any change gives another :meth:`digest` (and a refused cache)."""
+    """Everything the demo build depends on. A cached step is reused only when :meth:`digest` of its settings
+    (and of every step before it) matches; otherwise it is rebuilt."""
 
     name: str = _f("demo", "preset name")
     image_size: int = _f(16, "digits are resized to image_size × image_size")
@@ -101,13 +103,37 @@ class DemoConfig:
         d["unet_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.unet_config().items()}
         return d
 
-    def digest(self) -> str:
-        """Hash of every setting (resolved train and UNet configs included)."""
-        body = json.dumps(self.to_dict(), sort_keys=True, default=str)
+    def digest(self, step: str | None = None) -> str:
+        """Hash of every setting (resolved train and UNet configs included), or of the settings one build step
+        depends on (``"model"``, ``"curvature"``, ``"index"``; each includes the steps before it)."""
+        d = self.to_dict()
+        if step is not None:
+            if step not in _STEP_FIELDS:
+                raise ValueError(f"step must be one of {tuple(_STEP_FIELDS)}, got {step!r}")
+            keys = [k for st in _STEP_FIELDS for k in _STEP_FIELDS[st]][: _step_upto(step)]
+            d = {k: d[k] for k in keys}
+        body = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
+
+
+#: the settings each build step depends on (a step also depends on everything before it)
+_STEP_FIELDS = {
+    "model": ("image_size", "unet", "unet_config", "model_seed", "train_limit", "train_config"),
+    "curvature": ("curvature_draws",),
+    "index": ("heldout_limit", "store_draws", "query_draws", "k", "num_generated", "methods", "batch_size"),
+}
+
+
+def _step_upto(step: str) -> int:
+    n = 0
+    for st, fields in _STEP_FIELDS.items():
+        n += len(fields)
+        if st == step:
+            return n
+    raise ValueError(step)
 
 
 DEMO_CONFIGS: dict[str, DemoConfig] = {
@@ -116,8 +142,10 @@ DEMO_CONFIGS: dict[str, DemoConfig] = {
                        train={"steps": 60, "batch_size": 32, "checkpoint_every": 30}, train_preset="tiny",
                        curvature_draws=4, store_draws=4, query_draws=8, k=256, num_generated=2,
                        batch_size=64),
-    # 16×16 digits on the whole train split: recognisable samples, a few minutes on two cores
-    "demo": DemoConfig(name="demo"),
+    # 16×16 digits, recognisable samples. 512 training images and 2 curvature draws per image keep the build to
+    # minutes on a CPU: the (E)K-FAC factors of the conv layers cost ~0.1 s per (image, draw) on one core
+    "demo": DemoConfig(name="demo", train_limit=512, heldout_limit=16, curvature_draws=2, store_draws=8,
+                       query_draws=32, k=4096, num_generated=6),
 }
 
 
@@ -180,9 +208,10 @@ class _Log:
 
 # ---------------------------------------------------------------------------------------------- the build
 def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
-    """Create / validate ``root/manifest.json``; refuse a cache of another config unless ``rebuild``."""
+    """Create / validate ``root/manifest.json``. A cache of another config (or not a demo cache at all) is refused
+    unless ``rebuild``; one of the same config built with other settings has its outdated steps rebuilt."""
     mf = root / "manifest.json"
-    want = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "config_name": cfg.name, "config_digest": cfg.digest()}
+    want = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "config_name": cfg.name}
     if root.exists() and any(root.iterdir()):
         old = _read_json(mf)
         same = old is not None and all(old.get(k) == v for k, v in want.items())
@@ -192,9 +221,7 @@ def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
             elif old.get("config_name") != cfg.name:
                 why = f"it holds the {old.get('config_name')!r} config, not {cfg.name!r}"
             else:
-                why = (f"it was built with other settings of the {cfg.name!r} config (digest "
-                       f"{old.get('config_digest')} vs {cfg.digest()}, format version {old.get('version')} vs "
-                       f"{CACHE_VERSION})")
+                why = f"it was written by another cache format (version {old.get('version')} vs {CACHE_VERSION})"
             if not rebuild:
                 raise DemoCacheError(f"cache folder {str(root)!r} cannot be used: {why}. Use another cache folder "
                                      f"(cache_dir=... / --cache-dir / ${CACHE_ENV}) or rebuild it "
@@ -206,25 +233,43 @@ def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
         elif rebuild:
             log(f"rebuild requested: deleting {root}")
             shutil.rmtree(root)
+        elif old.get("config_digest") != cfg.digest():
+            log(f"the {cfg.name!r} settings changed since {root} was built: the steps they affect are rebuilt")
     root.mkdir(parents=True, exist_ok=True)
-    if not mf.is_file():
-        _atomic_write_text(mf, json.dumps({**want, "config": cfg.to_dict(), "created": time.time()},
-                                          indent=1, sort_keys=True, default=str))
+    old = _read_json(mf)
+    if old is None or old.get("config_digest") != cfg.digest():
+        _atomic_write_text(mf, json.dumps({**want, "config_digest": cfg.digest(), "config": cfg.to_dict(),
+                                           "written": time.time()}, indent=1, sort_keys=True, default=str))
 
 
-def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict) -> dict | None:
+def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict, log: "_Log") -> dict | None:
     meta = _read_json(root / step / "step.json")
-    if meta is None or meta.get("config_digest") != cfg.digest():
+    if meta is None:
+        return None
+    if meta.get("step_digest") != cfg.digest(step):
+        log(f"{root / step} was built with other settings: rebuilding it")
         return None
     if any(meta.get(k) != v for k, v in expect.items()):
         return None
     return meta
 
 
+def _checkpoint_dir(root: Path, name: str, digest: str) -> Path:
+    """A resumable step's checkpoint folder; one left by an interrupted run with other settings is discarded."""
+    d = root / name
+    mark = d / "step_digest.txt"
+    if d.exists() and (not mark.is_file() or mark.read_text().strip() != digest):
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    if not mark.is_file():
+        _atomic_write_text(mark, digest)
+    return d
+
+
 def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, **extra) -> dict:
     import torch
 
-    meta = {"step": step, "config_name": cfg.name, "config_digest": cfg.digest(), "seconds": round(seconds, 3),
+    meta = {"step": step, "config_name": cfg.name, "step_digest": cfg.digest(step), "seconds": round(seconds, 3),
             "threads": torch.get_num_threads(), "finished": time.time(), **extra}
     _atomic_write_text(root / step / "step.json", json.dumps(meta, indent=1, sort_keys=True))
     return meta
@@ -304,7 +349,7 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
 
     # ---- 1. the model (EMA weights)
     t0 = time.perf_counter()
-    meta = _step_done(root, "model", cfg, {"dataset_fingerprint": data_fp})
+    meta = _step_done(root, "model", cfg, {"dataset_fingerprint": data_fp}, log)
     model = None
     if meta is not None:
         model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
@@ -317,7 +362,7 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
             f"{cfg.train_config().steps} steps, {torch.get_num_threads()} threads)")
         init = DiffusionModel.from_config(cfg.unet_config(), seed=cfg.model_seed).to(dev, torch.float32)
         model = train_model(init, train, cfg.train_config(), device=dev, progress=progress,
-                            checkpoint_dir=root / "train-checkpoint")
+                            checkpoint_dir=_checkpoint_dir(root, "train-checkpoint", cfg.digest("model")))
         tmp = root / f".tmp-model-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -341,7 +386,7 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
     # ---- 2. the curvature
     t0 = time.perf_counter()
     expect = {"dataset_fingerprint": data_fp, "model_fingerprint": model_fp}
-    meta = _step_done(root, "curvature", cfg, expect)
+    meta = _step_done(root, "curvature", cfg, expect, log)
     curvature = None
     if meta is not None:
         try:
@@ -350,9 +395,10 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
             log(f"saved curvature is unusable ({e}); refitting")
     if curvature is None:
         log(f"step 2/3: fitting EK-FAC curvature ({cfg.curvature_draws} draws per image)")
+        ckpt = _checkpoint_dir(root, "curvature-checkpoint", cfg.digest("curvature") + model_fp)
         curvature = fit_curvature(model, train, method="ekfac", kfac_approx="expand", fisher="model",
                                   num_draws=cfg.curvature_draws, device=dev, progress=progress,
-                                  batch_size=cfg.batch_size, checkpoint_dir=root / "curvature-checkpoint")
+                                  batch_size=cfg.batch_size, checkpoint_dir=ckpt)
         tmp = root / f".tmp-curvature-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -370,7 +416,7 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
 
     # ---- 3. projected training gradients, FAISS index, generated queries (the IndexBackend's own cache)
     t0 = time.perf_counter()
-    meta = _step_done(root, "index", cfg, expect)
+    meta = _step_done(root, "index", cfg, expect, log)
     if meta is None:
         log(f"step 3/3: projecting training gradients (k={cfg.k}, {cfg.store_draws} draws), building the index, "
             f"sampling {cfg.num_generated} queries")

@@ -47,7 +47,7 @@ def test_first_build_makes_a_working_backend(tiny_cache):
     assert {"model", "curvature", "index", "manifest.json"} <= {p.name for p in root.iterdir()}
     for step in ("model", "curvature", "index"):
         meta = json.loads((root / step / "step.json").read_text())
-        assert meta["config_name"] == "tiny" and meta["config_digest"] == DEMO_CONFIGS["tiny"].digest()
+        assert meta["config_name"] == "tiny" and meta["step_digest"] == DEMO_CONFIGS["tiny"].digest(step)
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
     kinds = {q.kind for q in backend.queries()}
     assert kinds == {"generated", "heldout"}
@@ -78,11 +78,22 @@ def test_cache_of_another_config_is_refused(tiny_cache, tmp_path):
     root, _, _ = tiny_cache
     with pytest.raises(DemoCacheError, match="holds the 'tiny' config, not 'demo'.*--rebuild"):
         load_or_build_demo("demo", root, progress=False)
-    variant = DEMO_CONFIGS["tiny"].replace(k=64)
-    with pytest.raises(DemoCacheError, match="other settings of the 'tiny' config"):
-        load_or_build_demo(variant, root, progress=False)
     # nothing was touched
     assert json.loads((root / "manifest.json").read_text())["config_digest"] == DEMO_CONFIGS["tiny"].digest()
+
+
+def test_step_digests_cover_what_each_step_depends_on():
+    base = DEMO_CONFIGS["tiny"]
+    k = base.replace(k=64)
+    assert k.digest("model") == base.digest("model") and k.digest("curvature") == base.digest("curvature")
+    assert k.digest("index") != base.digest("index")
+    draws = base.replace(curvature_draws=8)
+    assert draws.digest("model") == base.digest("model") and draws.digest("curvature") != base.digest("curvature")
+    assert draws.digest("index") != base.digest("index")  # a later step depends on the earlier ones
+    steps = base.replace(train={"steps": 7})
+    assert all(steps.digest(s) != base.digest(s) for s in ("model", "curvature", "index"))
+    with pytest.raises(ValueError, match="step must be one of"):
+        base.digest("everything")
 
 
 def test_a_folder_that_is_not_a_demo_cache_is_never_deleted(tmp_path):
@@ -93,16 +104,23 @@ def test_a_folder_that_is_not_a_demo_cache_is_never_deleted(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_stale_cache_is_rebuilt_only_when_asked(tmp_path):
+def test_changed_settings_rebuild_only_the_steps_they_affect(tmp_path):
     quick = DEMO_CONFIGS["tiny"].replace(train={"steps": 2, "batch_size": 8, "checkpoint_every": 1})
-    first = build_demo(quick, tmp_path, threads=1, progress=False, until="train")
+    first = build_demo(quick, tmp_path, threads=1, progress=False, until="curvature")
     assert not first.info["reused"]
-    again = build_demo(quick, tmp_path, threads=1, progress=False, until="train")
+    again = build_demo(quick, tmp_path, threads=1, progress=False, until="curvature")
     assert again.info["reused"] and again.model.fingerprint() == first.model.fingerprint()
-    changed = quick.replace(train={"steps": 3, "batch_size": 8, "checkpoint_every": 1})
-    with pytest.raises(DemoCacheError):
-        build_demo(changed, tmp_path, threads=1, progress=False, until="train")
+    # other curvature settings: the model is reused, the curvature refitted (never the stale one reused)
+    more = quick.replace(curvature_draws=2)
+    third = build_demo(more, tmp_path, threads=1, progress=False, until="curvature")
+    assert third.info["steps"]["train"]["reused"] and not third.info["steps"]["curvature"]["reused"]
+    assert third.curvature.settings["num_draws"] == 2
+    # other training settings: everything from the model on is rebuilt
+    changed = more.replace(train={"steps": 3, "batch_size": 8, "checkpoint_every": 1})
+    fourth = build_demo(changed, tmp_path, threads=1, progress=False, until="train")
+    assert not fourth.info["steps"]["train"]["reused"]
+    assert fourth.model.fingerprint() != first.model.fingerprint()
     rebuilt = build_demo(changed, tmp_path, threads=1, progress=False, until="train", rebuild=True)
-    assert not rebuilt.info["reused"] and rebuilt.model.fingerprint() != first.model.fingerprint()
+    assert not rebuilt.info["reused"] and rebuilt.model.fingerprint() == fourth.model.fingerprint()
     with pytest.raises(ValueError, match="until"):
         build_demo(quick, tmp_path, until="everything")
