@@ -97,6 +97,9 @@ class InfluenceResult:
     #: scores of every training example in ``train_ids`` order, when the session asked for them
     all_scores: np.ndarray | None = field(default=None, repr=False)
     train_ids: np.ndarray | None = field(default=None, repr=False)
+    #: wall-clock times (``time.time()``) when the request was made and when its answer was ready (diagnostics)
+    requested_at: float = 0.0
+    finished_at: float = 0.0
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -509,12 +512,15 @@ class AttributionSession(traitlets.HasTraits):
             return self.request_id
         slow = not self.is_prepared()
         box: dict[str, int] = {}
+        requested_at = time.time()
 
         def fn():
             if slow:
                 self.set_trait("progress", f"preparing query {settings['query_id']} "
                                            f"({settings['measurement']}, {settings['method']})…")
-            return self.compute(request_id=box.get("rid", 0), **settings)
+            r = self.compute(request_id=box.get("rid", 0), **settings)
+            r.requested_at, r.finished_at = requested_at, time.time()
+            return r
 
         def done(rid, out, err):
             self._finish(rid, out, err)

@@ -84,9 +84,9 @@ def test_gallery_selection_and_map_link(session):
     listed = {i.id for i in [*session.result.proponents, *session.result.opponents]}
     other = next(int(i) for i in session.backend.train_ids if int(i) not in listed)
 
-    class Pts:
-        point_inds = [int(session.train_position([other])[0])]
-    m._clicked(m.fig.data[0], Pts(), None)
+    # what the front end sends for a click on point i of trace 0 (all training images)
+    m.view._on_custom_msg(m.view, {"type": "click", "curve": 0, "index": int(session.train_position([other])[0])},
+                          [])
     assert g.selected_id == other and "not in the top" in g.selected_text
     assert list(m.fig.data[3].customdata) == [other]
 
@@ -151,7 +151,7 @@ def test_controls_two_way(session):
 
 def test_explorer_status_and_tabs(tmp_path):
     s = AttributionSession(StandInBackend(num_train=300), threaded=True)
-    e = InfluenceExplorer(session=s, check_backend=True)
+    e = InfluenceExplorer(session=s, check_backend=True, plot_debounce_s=0)
     s.wait()
     for tab in range(5):
         e.tabs.selected_index = tab
@@ -185,3 +185,35 @@ def test_export_panel_reports_errors(tmp_path):
     s = AttributionSession(b, threaded=False)
     x = ExportPanel(s, folder=tmp_path)
     assert x.export(".csv") is None and "no result yet" in x.message.value
+
+
+def test_plot_redraws_are_debounced():
+    import time
+    s = AttributionSession(StandInBackend(num_train=200), threaded=True)
+    e = InfluenceExplorer(session=s, plot_debounce_s=0.2)
+    s.wait()
+    time.sleep(0.4)
+    s.wait()
+    n = e.distribution.renders
+    for lam in (1e-4, 2e-4, 3e-4, 4e-4):  # a dragged slider
+        s.damping = lam
+    s.wait()
+    assert e.distribution.renders == n  # not yet: the gallery goes first
+    time.sleep(0.5)
+    s.wait()
+    assert e.distribution.renders == n + 1  # one redraw for the whole burst
+    s.close()
+
+
+def test_plotly_view_sends_plotly_js_once_asked_and_the_figure_as_json(session):
+    from diffinfluence_widgets.widgets.plots import PlotlyView, ScoreDistribution
+    d = ScoreDistribution(session)
+    fig = d.view.figure
+    assert fig["data"][0]["type"] == "bar" and len(fig["data"][0]["y"]) == 60
+    assert "Score distribution" in json.dumps(fig["layout"])
+    v = PlotlyView()
+    sent = capture(v)
+    v._on_custom_msg(v, {"type": "need-plotly"}, [])
+    (data, bufs), = [(d_, b) for d_, b in sent if d_.get("method") == "custom"]
+    assert data["content"] == {"type": "plotly"} and bytes(bufs[0]).lstrip().startswith(b"/**")
+    assert len(bufs[0]) < 10_000_000

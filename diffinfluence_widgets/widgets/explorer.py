@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 
 import ipywidgets as W
 
@@ -21,6 +22,7 @@ __all__ = ["InfluenceExplorer"]
 class InfluenceExplorer(W.VBox):
     """The whole explorer. ``InfluenceExplorer(backend)`` or ``InfluenceExplorer(session=...)``.
 
+    ``plot_debounce_s``: the plots redraw that long after the last change (the gallery always updates at once).
     ``status=True`` adds a small line written by Python after each gallery update (request id, settings, shown
     ids); ``check_backend=True`` also writes ``backend.search`` at the exact same settings, computed directly (not
     through the session), so a browser test can compare it with what the gallery shows.
@@ -29,7 +31,8 @@ class InfluenceExplorer(W.VBox):
     TABS = ("Score distribution", "Damping sweep", "Timestep bands", "Gradient map", "Compare", "Export")
 
     def __init__(self, backend: InfluenceBackend | None = None, *, session: AttributionSession | None = None,
-                 status: bool = True, check_backend: bool = False, page_size: int = 12, **session_kwargs):
+                 status: bool = True, check_backend: bool = False, page_size: int = 12,
+                 plot_debounce_s: float = 0.15, **session_kwargs):
         if session is None:
             if backend is None:
                 raise TypeError("InfluenceExplorer needs a backend or a session")
@@ -45,10 +48,11 @@ class InfluenceExplorer(W.VBox):
                                       layout=W.Layout(width="360px", visibility="hidden"))
         self.progress.add_class("dinf-progress")
         self.progress_text = W.HTML()
-        self.distribution = ScoreDistribution(s, active=True)
-        self.sweep = RankStability(s, active=False)
-        self.bands = BandProfile(s, active=False)
-        self.map = GradientMap(s, on_select=self.gallery.select, active=False)
+        db = plot_debounce_s
+        self.distribution = ScoreDistribution(s, active=True, debounce_s=db)
+        self.sweep = RankStability(s, active=False, debounce_s=db)
+        self.bands = BandProfile(s, active=False, debounce_s=db)
+        self.map = GradientMap(s, on_select=self.gallery.select, active=False, debounce_s=db)
         self.compare = CompareView(s, active=False)
         self.export = ExportPanel(s)
         self._views = [self.distribution, self.sweep, self.bands, self.map, self.compare, None]
@@ -87,7 +91,8 @@ class InfluenceExplorer(W.VBox):
         data = {"request_id": r.request_id, "query_id": r.query_id, "measurement": r.measurement,
                 "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
                 "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
-                "page": self.gallery.page, "elapsed_ms": round(r.elapsed_s * 1000, 3)}
+                "page": self.gallery.page, "elapsed_ms": round(r.elapsed_s * 1000, 3),
+                "requested_at": r.requested_at, "finished_at": r.finished_at, "status_at": time.time()}
         if self.check_backend:
             b = self.session.backend
             p = b.prepare(r.query_id, r.measurement, r.method, r.band)

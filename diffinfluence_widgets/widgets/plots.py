@@ -1,4 +1,10 @@
-"""Plotly views of the session's current result (``go.FigureWidget``, itself an anywidget in plotly ≥ 6).
+"""Plotly views of the session's current result.
+
+Each view builds a ``plotly.graph_objects.Figure`` in Python and shows it in a :class:`PlotlyView`, a small anywidget
+that draws the figure's JSON with ``Plotly.react``. plotly.js comes from the installed plotly package and travels
+once per page through the widget channel (not once per figure, as ``go.FigureWidget`` would: ~5 MB each, slow enough
+on a busy 2-core machine to hit anywidget's model-initialisation timeout; and its one-shot edit deltas are lost when
+a view is created after them).
 
 - :class:`ScoreDistribution` — histogram of the scores of every training image with the top-k marked;
 - :class:`RankStability` — where the current top-k rank across a damping sweep, and the top-k overlap;
@@ -7,36 +13,108 @@
   selects that training image in the gallery (linked selection).
 
 Each view recomputes off the kernel thread (``session.run_async``, latest request wins) and only while
-``active`` (the explorer activates the visible tab); an inactive view recomputes when it becomes active.
+``active`` (the explorer activates the visible tab); an inactive view recomputes when it becomes active. With
+``debounce_s`` > 0 a view redraws that long after the last change, so a dragged slider updates the gallery first.
 """
 from __future__ import annotations
 
-from copy import deepcopy
+import base64
+import threading
+from pathlib import Path
 from typing import Callable
 
+import anywidget
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import traitlets
 
 from ..session import AttributionSession
 
-__all__ = ["ScoreDistribution", "RankStability", "BandProfile", "GradientMap"]
+__all__ = ["ScoreDistribution", "RankStability", "BandProfile", "GradientMap", "PlotlyView"]
 
 PRO, OPP, GREY = "#b2182b", "#2166ac", "#bbbbbb"
 _LAYOUT = dict(height=330, margin=dict(l=55, r=20, t=40, b=45), template="plotly_white",
                legend=dict(orientation="h", y=-0.2))
 
 
+_PLOTLY_JS = Path(go.__file__).resolve().parents[1] / "package_data" / "plotly.min.js"
+_plotly_source: bytes | None = None
+
+
+def _plotly_bytes() -> bytes:
+    global _plotly_source
+    if _plotly_source is None:
+        if not _PLOTLY_JS.is_file():
+            raise FileNotFoundError(f"plotly.js not found at {_PLOTLY_JS} (is the plotly package complete?)")
+        _plotly_source = _PLOTLY_JS.read_bytes()
+    return _plotly_source
+
+
+def _plain(obj):
+    """JSON-ready copy with numpy arrays and scalars as plain lists and numbers (no base64 typed arrays)."""
+    if isinstance(obj, dict):
+        if "bdata" in obj and "dtype" in obj:  # plotly ≥ 6 stores numpy arrays as base64 typed arrays
+            arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
+            if "shape" in obj:
+                arr = arr.reshape([int(n) for n in str(obj["shape"]).split(",")])
+            return _plain(arr)
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+class PlotlyView(anywidget.AnyWidget):
+    """A plotly figure (its JSON in ``figure``) drawn by plotly.js; clicks come back to :attr:`on_click`."""
+
+    _esm = Path(__file__).parent / "static" / "plotly_view.js"
+    _css = ".dinf-plotly { width: 100%; min-height: 120px; } .dinf-plotly-msg { color: #777; font-size: 12px; }"
+    figure = traitlets.Dict().tag(sync=True)
+    version = traitlets.Int(0).tag(sync=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        #: ``callback(curve, index, customdata)`` for a click on a point
+        self.on_click: Callable[[int, int, object], None] | None = None
+        self.on_msg(self._on_custom_msg)
+
+    def show(self, fig: go.Figure) -> None:
+        spec = _plain(fig.to_plotly_json())
+        with self.hold_sync():
+            self.figure = {"data": spec.get("data", []), "layout": spec.get("layout", {})}
+            self.version += 1
+
+    def _on_custom_msg(self, widget, content, buffers) -> None:
+        if not isinstance(content, dict):
+            return
+        if content.get("type") == "need-plotly":
+            self.send({"type": "plotly"}, buffers=[_plotly_bytes()])
+        elif content.get("type") == "click" and self.on_click is not None:
+            self.on_click(int(content.get("curve", -1)), int(content.get("index", -1)), content.get("customdata"))
+
+
 class _View(W.VBox):
     channel = "view"
     triggers: tuple[str, ...] = ("result",)
 
-    def __init__(self, session: AttributionSession, active: bool = True, **kwargs):
+    def __init__(self, session: AttributionSession, active: bool = True, debounce_s: float = 0.0, **kwargs):
         self.session = session
+        #: wait this long after the last change before redrawing (the gallery gets the browser first)
+        self.debounce_s = float(debounce_s)
+        self._timer: threading.Timer | None = None
         self.note = W.HTML()
         self.note.add_class("dinf-plot-note")
-        self._fig: go.FigureWidget | None = None
-        super().__init__([self.note], **kwargs)
+        self.fig = go.Figure(layout=go.Layout(**_LAYOUT))
+        self.view = PlotlyView()
+        self._setup()
+        super().__init__([self.view, self.note], **kwargs)
         self.add_class("dinf-plot")
         self.add_class(f"dinf-plot-{self.channel}")
         self._active = active
@@ -45,16 +123,6 @@ class _View(W.VBox):
         session.observe(self._on_change, list(self.triggers))
         if active:
             self.update()
-
-    @property
-    def fig(self) -> go.FigureWidget:
-        """The figure, created on first use: each FigureWidget carries plotly's whole front-end bundle (~5 MB),
-        so the explorer only pays for the views the user opens."""
-        if self._fig is None:
-            self._fig = go.FigureWidget(layout=go.Layout(**_LAYOUT))
-            self._setup()
-            self.children = [self._fig, self.note]
-        return self._fig
 
     @property
     def active(self) -> bool:
@@ -68,25 +136,28 @@ class _View(W.VBox):
 
     def _on_change(self, change=None) -> None:
         self._dirty = True
-        if self._active:
+        if not self._active:
+            return
+        if self.debounce_s <= 0:
             self.update()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.debounce_s, self.update)
+        self._timer.daemon = True
+        self._timer.start()
 
     def update(self) -> None:
         """Recompute off the kernel thread and redraw (the newest request wins)."""
         self._dirty = False
         if self.session.result is None:
             return
-        self.fig  # create the figure on this (kernel) thread, not on the worker
         self.session.run_async(f"{self.channel}-{id(self)}", self._compute, self._draw_safe, self._error)
 
     def _draw_safe(self, data) -> None:
-        fig = self.fig
-        with fig.batch_update():
+        with self.fig.batch_update():
             self._draw(data)
-        # plotly sends edits as one-shot deltas; a front end that (re)creates its view later starts from
-        # _widget_data / _widget_layout, so keep those complete (plotly itself only does it when displayed alone)
-        fig._widget_layout = deepcopy(fig._layout_obj._props)
-        fig._widget_data = deepcopy(fig._data)
+        self.view.show(self.fig)
         self.renders += 1
         self.note.value = self._note(data)
 
@@ -218,8 +289,7 @@ class GradientMap(_View):
                                         ("top-k opponents", OPP, 10, "circle"), ("selected", "#f0a202", 16, "star")):
             self.fig.add_scatter(name=name, mode="markers", marker=dict(color=colour, size=size, symbol=sym),
                                    hovertemplate="training image %{customdata}<extra></extra>")
-        for tr in self.fig.data:
-            tr.on_click(self._clicked)
+        self.view.on_click = self._clicked
 
     def _compute(self):
         xy = self.session.map_2d()
@@ -250,11 +320,16 @@ class GradientMap(_View):
         self.selected = None if train_id is None or train_id < 0 else int(train_id)
         if self._base_ready:
             self._draw_selected()
+            self.view.show(self.fig)
 
-    def _clicked(self, trace, points, selector):
-        if not points.point_inds:
-            return
-        tid = int(trace.customdata[points.point_inds[0]])
+    def _clicked(self, curve: int, index: int, customdata=None) -> None:
+        """A click on point ``index`` of trace ``curve`` (from the front end)."""
+        try:
+            tid = int(self.fig.data[curve].customdata[index])
+        except (IndexError, TypeError, ValueError):
+            if customdata is None:
+                return
+            tid = int(customdata)
         self.select(tid)
         if self.on_select is not None:
             self.on_select(tid)

@@ -34,7 +34,8 @@ ARTIFACTS = Path(os.environ.get("DINF_TEST_ARTIFACTS", REPO / "test-artifacts"))
 BACKEND = os.environ.get("DINF_BROWSER_BACKEND", "demo")
 DEMO_CONFIG = os.environ.get("DINF_BROWSER_DEMO_CONFIG", "tiny")
 DEMO_CACHE = Path(os.environ.get("DINF_BROWSER_DEMO_CACHE", REPO / ".cache" / "dinf-widgets" / DEMO_CONFIG))
-STANDIN_ARGS = dict(num_train=600, num_heldout=6, num_generated=6, seed=0)
+STANDIN_ARGS = dict(num_train=int(os.environ.get("DINF_BROWSER_STANDIN_TRAIN", 600)), num_heldout=6, num_generated=6,
+                    seed=0)
 
 
 def backend_code() -> str:

@@ -50,6 +50,18 @@ def wait_slider_settled(page, after: int, timeout=60_000) -> dict:
 NOTEBOOK7_CORE_ERROR = "Cannot read properties of undefined (reading 'schema')"
 
 
+def stable_box(page, locator, timeout=20.0):
+    """The element's box once it stopped moving (a freshly shown plotly figure resizes to its container)."""
+    t0, last = time.monotonic(), None
+    while time.monotonic() - t0 < timeout:
+        box = locator.bounding_box()
+        if box is not None and box == last:
+            return box
+        last = box
+        page.wait_for_timeout(250)
+    return last
+
+
 def no_errors(page, browser, allow: tuple[str, ...] = ()):
     errs = [e for e in H.real_errors(page, browser.blocked)
             if not any(a in e and "/static/notebook/notebook_core." in e for a in allow)]
@@ -187,13 +199,28 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(2) path.point"
     page.wait_for_selector(pts, state="visible", timeout=90_000)
     page.locator(".dinf-plot-map .js-plotly-plot").scroll_into_view_if_needed()
-    box = page.locator(pts).first.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 6, cy - 6)
-    page.mouse.move(cx, cy, steps=3)
-    page.mouse.click(cx, cy)
-    page.wait_for_function("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
-                           " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+    zoom_shown = ("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
+                  " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+    for attempt in range(4):
+        # plotly hit-tests through hover; a redraw between hover and click can swallow the click: retry
+        box = stable_box(page, page.locator(pts).nth(attempt))
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 6, cy - 6)
+        page.mouse.move(cx, cy, steps=3)
+        try:
+            page.wait_for_selector(".dinf-plot-map .hoverlayer .hovertext", state="attached", timeout=5_000)
+        except Exception:
+            print("no hover at", box, page.evaluate(
+                "([x, y]) => { const e = document.elementFromPoint(x, y); return e && e.outerHTML.slice(0, 160); }",
+                [cx, cy]))
+            continue
+        page.mouse.click(cx, cy)
+        try:
+            page.wait_for_function(zoom_shown, timeout=10_000)
+            break
+        except Exception:
+            if attempt == 3:
+                raise
     zid = int(page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id"))
     assert zid in set(int(i) for i in backend.train_ids)
     page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(4) path.point")

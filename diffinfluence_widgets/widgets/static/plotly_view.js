@@ -1,0 +1,77 @@
+// A plotly.js figure drawn from a JSON spec (`figure` = {data, layout}) with Plotly.react on every change.
+// plotly.js itself (~4.8 MB, from the installed plotly package) is fetched once per page through the widget
+// channel: the first view asks Python for it ({type: "need-plotly"}) and gets it back as one binary buffer;
+// every other view waits on the same promise. No CDN, and no 5 MB module per figure.
+
+function loadPlotly(model) {
+  if (window.__dinfPlotly) return window.__dinfPlotly;
+  window.__dinfPlotly = new Promise((resolve, reject) => {
+    const onMsg = (msg, buffers) => {
+      if (!msg || msg.type !== "plotly") return;
+      model.off("msg:custom", onMsg);
+      try {
+        const src = new TextDecoder().decode(buffers[0]);
+        const mod = { exports: {} };
+        // the bundle is UMD: with a CommonJS-style `module` it hands Plotly back instead of touching globals
+        new Function("module", "exports", src)(mod, mod.exports);
+        resolve(mod.exports);
+      } catch (e) {
+        window.__dinfPlotly = null;
+        reject(e);
+      }
+    };
+    model.on("msg:custom", onMsg);
+    model.send({ type: "need-plotly" });
+  });
+  return window.__dinfPlotly;
+}
+
+function render({ model, el, signal }) {
+  el.classList.add("dinf-plotly");
+  const div = document.createElement("div");
+  div.className = "dinf-plotly-div";
+  const msg = document.createElement("div");
+  msg.className = "dinf-plotly-msg";
+  msg.textContent = "loading plot…";
+  el.append(msg, div);
+  let Plotly = null;
+  let drawn = Promise.resolve();
+  let bound = false;
+
+  const draw = () => {
+    if (!Plotly) return;
+    const fig = model.get("figure") || {};
+    const version = model.get("version");
+    drawn = drawn.then(() => Plotly.react(div, fig.data || [], fig.layout || {},
+      { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["select2d", "lasso2d"] }))
+      .then(() => {
+        // Plotly gives the div its event API (div.on) only once it has drawn into it
+        if (!bound && typeof div.on === "function") {
+          bound = true;
+          div.on("plotly_click", (ev) => {
+            const p = ev && ev.points && ev.points[0];
+            if (!p) return;
+            model.send({ type: "click", curve: p.curveNumber, index: p.pointNumber,
+              customdata: p.customdata === undefined ? null : p.customdata });
+          });
+        }
+        el.dataset.version = String(version);
+        msg.textContent = "";
+      })
+      .catch((e) => { msg.textContent = `plot error: ${e}`; });
+  };
+
+  loadPlotly(model).then((P) => {
+    if (signal.aborted) return;
+    Plotly = P;
+    draw();
+  }).catch((e) => { msg.textContent = `could not load plotly.js: ${e}`; });
+
+  model.on("change:version", draw);
+  return () => {
+    model.off("change:version", draw);
+    if (Plotly) Plotly.purge(div);
+  };
+}
+
+export default { render };
