@@ -11,7 +11,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SHARD = 4
 
