@@ -67,8 +67,20 @@ function render({ model, el, signal }) {
     draw();
   }).catch((e) => { msg.textContent = `could not load plotly.js: ${e}`; });
 
+  // a figure first drawn in a hidden tab has no width: redraw to the container's size when it gets one
+  let lastWidth = 0;
+  const ro = new ResizeObserver(() => {
+    const w = el.clientWidth;
+    if (Plotly && bound && w > 0 && Math.abs(w - lastWidth) > 4) {
+      lastWidth = w;
+      Plotly.Plots.resize(div);
+    }
+  });
+  ro.observe(el);
+
   model.on("change:version", draw);
   return () => {
+    ro.disconnect();
     model.off("change:version", draw);
     if (Plotly) Plotly.purge(div);
   };
