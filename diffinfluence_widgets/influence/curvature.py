@@ -234,24 +234,38 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         body = json.dumps({"settings": [method, kfac_approx, fisher], "stage": stage})
         _atomic_write(Path(str(checkpoint) + ".json"), lambda tmp: Path(tmp).write_text(body))
 
+    def _cov(x_cols: torch.Tensor) -> torch.Tensor:
+        """Σ over rows and positions of x xᵀ for ``[rows, d, R]``: one GEMM in the compute dtype, summed in float64."""
+        x2 = x_cols.transpose(0, 1).reshape(x_cols.shape[1], -1)
+        return (x2 @ x2.T).to(factor_dtype)
+
     def consume_kfac(cap: LayerCapture, rows: int, first: bool) -> None:
         if first:
             sums["rows"] += rows
         for n in names:
-            a, b = _concat_calls(cap, n)
-            a, b = a.to(factor_dtype), b.to(factor_dtype)
             if kfac_approx == "expand":
-                if first:
-                    sums[f"A/{n}"] += torch.einsum("nri,nrj->ij", a, a)
-                    sums[f"nA/{n}"] += a.shape[0] * a.shape[1]
-                sums[f"B/{n}"] += torch.einsum("nro,nrp->op", b, b)
+                # positions of every call are extra data points: contributions simply add up
+                for rec in cap.calls(n):
+                    if first:
+                        a_cols = rec.a_cols
+                        d_in = a_cols.shape[1]
+                        A = sums[f"A/{n}"]
+                        A[:d_in, :d_in] += _cov(a_cols)
+                        if rec.has_bias:
+                            s_a = a_cols.sum(dim=(0, 2)).to(factor_dtype)
+                            A[:d_in, d_in] += s_a
+                            A[d_in, :d_in] += s_a
+                            A[d_in, d_in] += a_cols.shape[0] * a_cols.shape[2]
+                        sums[f"nA/{n}"] += a_cols.shape[0] * a_cols.shape[2]
+                    sums[f"B/{n}"] += _cov(rec.b_cols)
             else:
+                a, b = _concat_calls(cap, n)
                 if first:
                     am = a.mean(1)
-                    sums[f"A/{n}"] += am.T @ am
+                    sums[f"A/{n}"] += (am.T @ am).to(factor_dtype)
                     sums[f"nA/{n}"] += a.shape[0]
                 bs = b.sum(1)
-                sums[f"B/{n}"] += bs.T @ bs
+                sums[f"B/{n}"] += (bs.T @ bs).to(factor_dtype)
 
     if stage["pass"] == "kfac":
         _run_pass(problem, fisher, consume_kfac, f"K-FAC factors ({kfac_approx}, GGN^{fisher})", progress, stage,
@@ -287,11 +301,21 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
             if first:
                 sums["rows_ekfac"] += rows
             for n in names:
-                a, b = _concat_calls(cap, n)
-                a_rot = a.to(factor_dtype) @ out["q_a"][n]
-                b_rot = b.to(factor_dtype) @ out["q_b"][n]
-                g = torch.einsum("nro,nri->noi", b_rot, a_rot)
-                sums[f"L/{n}"] += (g * g).sum(0)
+                # per-row weight gradients G_n (conv: the weight-gradient kernel), then Q_Bᵀ G_n Q_A
+                recs = list(cap.calls(n))
+                g = None
+                for rec in recs:
+                    if g is None:
+                        o, i = layer_shape(problem.layers[n])
+                        g = rec.x.new_zeros(rows, o, i)
+                    rec.add_per_example_(g)
+                qa = q_compute[n][0]
+                qb = q_compute[n][1]
+                g_rot = qb.T @ g @ qa
+                sums[f"L/{n}"] += (g_rot * g_rot).sum(0).to(factor_dtype)
+
+        compute_dtype = next(iter(problem.layers.values())).weight.dtype
+        q_compute = {n: (out["q_a"][n].to(compute_dtype), out["q_b"][n].to(compute_dtype)) for n in names}
 
         _run_pass(problem, fisher, consume_ekfac, f"EK-FAC eigenvalues (GGN^{fisher})", progress, stage,
                   save_state)
