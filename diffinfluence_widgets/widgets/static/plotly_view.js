@@ -43,7 +43,7 @@ function render({ model, el, signal }) {
     const fig = model.get("figure") || {};
     const version = model.get("version");
     drawn = drawn.then(() => Plotly.react(div, fig.data || [], fig.layout || {},
-      { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["select2d", "lasso2d"] }))
+      { displaylogo: false, modeBarButtonsToRemove: ["select2d", "lasso2d"] }))
       .then(() => {
         // Plotly gives the div its event API (div.on) only once it has drawn into it
         if (!bound && typeof div.on === "function") {
@@ -73,7 +73,8 @@ function render({ model, el, signal }) {
     const w = el.clientWidth;
     if (Plotly && bound && w > 0 && Math.abs(w - lastWidth) > 4) {
       lastWidth = w;
-      Plotly.Plots.resize(div);
+      // width only: the figure's own layout keeps its height
+      Plotly.relayout(div, { width: w }).catch(() => null);
     }
   });
   ro.observe(el);
