@@ -276,7 +276,7 @@ def test_save_load_round_trip_and_refusal(unet_setup, tmp_path):
         assert torch.equal(back.eigenvalues[n], curv.eigenvalues[n].cpu())
         assert torch.equal(back.q_a[n], curv.q_a[n].cpu())
     other = DiffusionModel.from_config(tiny_unet_config(), seed=1).to(dtype=DT)
-    with pytest.raises(ValueError, match="fitted for model"):
+    with pytest.raises(ValueError, match="built for model"):
         Curvature.load(tmp_path / "c", model=other)
     with pytest.raises(ValueError, match="kfac_approx='reduce'|kfac_approx"):
         Curvature.load(tmp_path / "c", expect={"kfac_approx": "reduce"})

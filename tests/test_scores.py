@@ -101,10 +101,10 @@ def test_save_load_round_trip_and_refusals(setup, tmp_path):
     back = Scores.load(tmp_path / "s", model=model, dataset=train, expect={"measurement": "loss"})
     assert torch.equal(back.matrix, s.matrix) and torch.equal(back.query_ids, s.query_ids)
     assert torch.equal(back.band_matrix, s.band_matrix) and back.bands == s.bands
-    with pytest.raises(ValueError, match="computed on dataset"):
+    with pytest.raises(ValueError, match="built on dataset"):
         Scores.load(tmp_path / "s", dataset=DS(train.images, train.ids, tag="other"))
     other = DiffusionModel.from_config(tiny_unet_config(), seed=3).to(dtype=DT)
-    with pytest.raises(ValueError, match="computed for model"):
+    with pytest.raises(ValueError, match="built for model"):
         Scores.load(tmp_path / "s", model=other)
     with pytest.raises(ValueError, match="measurement"):
         Scores.load(tmp_path / "s", expect={"measurement": "square_norm"})

@@ -48,7 +48,7 @@ from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
 from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
 from .gradients import LayerGradients
 
-__all__ = ["Curvature", "fit_curvature", "fit_factors", "FactorProblem", "check_damping", "METHODS",
+__all__ = ["Curvature", "fit_curvature", "read_manifest", "fit_factors", "FactorProblem", "check_damping", "METHODS",
            "KFAC_APPROXES", "FISHER_TYPES", "DEFAULT_CURVATURE_DRAWS", "DEFAULT_DAMPING"]
 
 METHODS = ("ekfac", "kfac")
@@ -88,6 +88,30 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_manifest(path: Path, payload: str, fmt: str, what: str, *, model=None, dataset=None,
+                  expect: Mapping | None = None) -> dict:
+    """Read ``path/manifest.json`` of an artifact and refuse it for another model, dataset or setting.
+
+    ``payload`` is the data file that must sit beside the manifest; ``what`` names the artifact in errors.
+    """
+    mf = path / "manifest.json"
+    if not mf.is_file() or not (path / payload).is_file():
+        raise FileNotFoundError(f"no saved {what} in {str(path)!r} (expected manifest.json and {payload})")
+    man = json.loads(mf.read_text())
+    if man.get("format") != fmt:
+        raise ValueError(f"{mf} is not a {fmt} manifest (format={man.get('format')!r})")
+    if model is not None and man["model_fingerprint"] != model.fingerprint():
+        raise ValueError(f"{what} in {str(path)!r} was built for model {man['model_fingerprint']}, but the given "
+                         f"model is {model.fingerprint()}; rebuild it for this model")
+    if dataset is not None and man["dataset_fingerprint"] != dataset.fingerprint():
+        raise ValueError(f"{what} in {str(path)!r} was built on dataset {man['dataset_fingerprint']}, but the "
+                         f"given dataset is {dataset.fingerprint()}; rebuild it for this dataset")
+    for k, v in (expect or {}).items():
+        if man["settings"].get(k) != v:
+            raise ValueError(f"{what} in {str(path)!r} has {k}={man['settings'].get(k)!r}, expected {v!r}")
+    return man
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -434,22 +458,8 @@ class Curvature:
              expect: Mapping | None = None, device=None) -> "Curvature":
         """Load a saved curvature; refuse it if it was built for another model, dataset or setting."""
         p = Path(path)
-        mf = p / "manifest.json"
-        if not mf.is_file() or not (p / "curvature.safetensors").is_file():
-            raise FileNotFoundError(f"no saved curvature in {str(p)!r} (expected manifest.json and "
-                                    "curvature.safetensors)")
-        man = json.loads(mf.read_text())
-        if man.get("format") != "diffinfluence-curvature":
-            raise ValueError(f"{mf} is not a diffinfluence curvature manifest")
-        if model is not None and man["model_fingerprint"] != model.fingerprint():
-            raise ValueError(f"curvature in {str(p)!r} was fitted for model {man['model_fingerprint']}, but the "
-                             f"given model is {model.fingerprint()}; refit it for this model")
-        if dataset is not None and man["dataset_fingerprint"] != dataset.fingerprint():
-            raise ValueError(f"curvature in {str(p)!r} was fitted on dataset {man['dataset_fingerprint']}, but the "
-                             f"given dataset is {dataset.fingerprint()}; refit it for this dataset")
-        for k, v in (expect or {}).items():
-            if man["settings"].get(k) != v:
-                raise ValueError(f"curvature in {str(p)!r} has {k}={man['settings'].get(k)!r}, expected {v!r}")
+        man = read_manifest(p, "curvature.safetensors", "diffinfluence-curvature", "curvature", model=model,
+                            dataset=dataset, expect=expect)
         t = load_file(str(p / "curvature.safetensors"), device=str(resolve_device(device)) if device else "cpu")
         names = man["layers"]
         parts = {key: {n: t[f"{key}/{n}"] for n in names}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.model import DiffusionModel
 from ..measurements import Measurement, Trajectory, get_measurement
-from .curvature import DEFAULT_DAMPING, Curvature, _atomic_write, check_damping
+from .curvature import DEFAULT_DAMPING, Curvature, _atomic_write, check_damping, read_manifest
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
@@ -96,20 +96,8 @@ class Scores:
     def load(cls, path: str | Path, *, model: DiffusionModel | None = None, dataset=None,
              expect: dict | None = None) -> "Scores":
         p = Path(path)
-        if not (p / "manifest.json").is_file() or not (p / "scores.safetensors").is_file():
-            raise FileNotFoundError(f"no saved scores in {str(p)!r} (expected manifest.json and scores.safetensors)")
-        man = json.loads((p / "manifest.json").read_text())
-        if man.get("format") != "diffinfluence-scores":
-            raise ValueError(f"{p / 'manifest.json'} is not a diffinfluence scores manifest")
-        if model is not None and man["model_fingerprint"] != model.fingerprint():
-            raise ValueError(f"scores in {str(p)!r} were computed for model {man['model_fingerprint']}, not for the "
-                             f"given model {model.fingerprint()}")
-        if dataset is not None and man["dataset_fingerprint"] != dataset.fingerprint():
-            raise ValueError(f"scores in {str(p)!r} were computed on dataset {man['dataset_fingerprint']}, not on "
-                             f"the given dataset {dataset.fingerprint()}")
-        for k, v in (expect or {}).items():
-            if man["settings"].get(k) != v:
-                raise ValueError(f"scores in {str(p)!r} have {k}={man['settings'].get(k)!r}, expected {v!r}")
+        man = read_manifest(p, "scores.safetensors", "diffinfluence-scores", "scores", model=model, dataset=dataset,
+                            expect=expect)
         t = load_file(str(p / "scores.safetensors"))
         bands = [tuple(b) for b in man["bands"]] if man.get("bands") else None
         return cls(t["matrix"], t["query_ids"], t["train_ids"], t.get("band_matrix"), bands, man["settings"],
