@@ -18,7 +18,9 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
     lines = [
         "import os",
         "os.environ.setdefault('OMP_NUM_THREADS', '2')",
-        "import torch",
+        "if 'DIFFINFLUENCE_CACHE' not in os.environ and os.path.isfile('../pyproject.toml'):",
+        "    # served from the repository's notebooks/: use the cache of `diffinfluence demo` (./diffinfluence-cache)",
+        "    os.environ['DIFFINFLUENCE_CACHE'] = os.path.abspath('../diffinfluence-cache')",
         "from diffinfluence_widgets.demo import config_from_env, load_or_build_demo",
         "from diffinfluence_widgets.widgets import InfluenceExplorer",
         "",
