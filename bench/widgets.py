@@ -6,8 +6,8 @@ decade); the time is taken *in the page* from the keydown to the moment the gall
 with every thumbnail decoded (the gallery sets ``data-rendered-request`` only then). The whole round trip is
 inside: slider → websocket → kernel → session worker → ``backend.search`` → thumbnails → websocket → DOM.
 
-    python bench/widgets.py                         # real backend (cached "tiny" digits demo) + stand-in at demo N
-    python bench/widgets.py --backend demo --config demo --changes 30
+    python bench/widgets.py --changes 30            # real backend (digits demo, "demo" config) + stand-in
+    python bench/widgets.py --backend demo --config tiny
     python bench/widgets.py --backend standin       # only the stand-in test double
 
 Prints a summary and writes the "Widgets" section of bench/RESULTS.md (other sections are left as they are).
@@ -153,7 +153,7 @@ def write_results(results: list[dict], path: Path) -> None:
                     f"{r['explorer_visible_s']:.0f} s | {len(r['console_errors'])} |")
     section = f"""## Widgets
 
-Browser-timed (`python bench/widgets.py`): damping change → updated gallery on screen, measured in headless Chromium
+Browser-timed (`python bench/widgets.py --changes 30`): damping change → updated gallery on screen, measured in headless Chromium
 against a real Voila server on 127.0.0.1, from the keydown on the damping slider (PageUp / PageDown, a quarter of a
 decade per press) to the gallery showing the new result with every thumbnail decoded. k = 16, 12 tiles per list per
 page, the score-distribution plot visible (it redraws on every change too). Goal: median ≤ {GOAL_MS:.0f} ms.
@@ -164,9 +164,9 @@ Machine: {os.cpu_count()} cores shared with other jobs, Python {platform.python_
 {chr(10).join(rows)}
 
 "Python part" is `session.compute` (prepare cache hit + `backend.search` + all scores); the rest is the slider →
-websocket → kernel → gallery state → websocket → DOM → image decode path. The stand-in test double has the demo's
-training-set size, so its row shows the widget path at demo scale; the real backend's row uses the cached "tiny" digits
-demo unless the "demo" config is named.
+websocket → kernel → gallery state → websocket → DOM → image decode path. The real backend's row is the cached
+digits demo of the config named in it (`--config demo`: 512 training images, 16×16); the stand-in test double runs
+with more training images (1438) than the demo, to show the widget path does not grow with N.
 
 """
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
@@ -183,9 +183,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=["demo", "standin"], nargs="+", default=["demo", "standin"],
                     help="backends to time, one Voila run each (default: both)")
-    ap.add_argument("--config", default="tiny", help="demo config of the real backend: 'tiny' (default) or 'demo'")
+    ap.add_argument("--config", default="demo", help="demo config of the real backend: 'demo' (default) or 'tiny'")
     ap.add_argument("--standin-train", type=int, default=1438,
-                    help="training images of the stand-in (default 1438, the 'demo' config's training set)")
+                    help="training images of the stand-in (default 1438: more than the demo config's 512)")
     ap.add_argument("--cache", default=None, help="demo cache folder (default .cache/dinf-widgets/<config>)")
     ap.add_argument("--changes", type=int, default=24, help="damping changes to time (≥ 20)")
     ap.add_argument("--tab", default=None, help="open this explorer tab first (default: the score distribution)")
