@@ -333,7 +333,8 @@ def test_backend_damping_change_equals_from_scratch(tiny_setup, space):
             else:
                 x = pre
             slow = feats @ b.projector.project(x)[0].double().numpy()
-            assert np.allclose(fast, slow, rtol=1e-6, atol=1e-9 * np.abs(slow).max()), (method, damping)
+            # float32 gradients summed in another order (bands vs whole) differ by ~1e-8 of the largest score
+            assert np.allclose(fast, slow, rtol=1e-6, atol=1e-7 * np.abs(slow).max()), (method, damping)
             f32 = b32.scores(b32.prepare(qid, "loss", method), damping)
             assert np.allclose(f32, slow, rtol=1e-3, atol=1e-5 * np.abs(slow).max()), (method, damping)
             # search = exact top-k of these scores (flat index)
