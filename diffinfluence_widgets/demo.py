@@ -142,9 +142,9 @@ DEMO_CONFIGS: dict[str, DemoConfig] = {
                        train={"steps": 60, "batch_size": 32, "checkpoint_every": 30}, train_preset="tiny",
                        curvature_draws=4, store_draws=4, query_draws=8, k=256, num_generated=2,
                        batch_size=64),
-    # 16×16 digits, recognisable samples. 512 training images and 2 curvature draws per image keep the build to
-    # minutes on a CPU: the (E)K-FAC factors of the conv layers cost ~0.1 s per (image, draw) on one core
-    "demo": DemoConfig(name="demo", train_limit=512, heldout_limit=16, curvature_draws=2, store_draws=8,
+    # 16×16 digits, recognisable samples. 512 training images and 8 curvature draws per image keep the build to
+    # minutes on a CPU: the (E)K-FAC factors of the conv layers cost ~35 ms per (image, draw) on one core
+    "demo": DemoConfig(name="demo", train_limit=512, heldout_limit=16, curvature_draws=8, store_draws=8,
                        query_draws=32, k=4096, num_generated=6),
 }
 
