@@ -327,12 +327,14 @@ def test_backend_damping_change_equals_from_scratch(tiny_setup, space):
                 pre = curv.unrotate({n: rot[n] / (lam[n] + damping) for n in curv.layer_names})
             else:
                 pre = curv.precondition({n: g.layers[n].double() for n in curv.layer_names}, damping)
-            if space == "eigen":
+            feats_used = feats
+            if space == "eigen" and damping < b.switch_damping:
                 rot = curv.rotate(pre)
                 x = {n: rot[n] * (curv.eigenvalues[n].double() + b.whiten_damping).sqrt() for n in rot}
-            else:
+            else:  # a parameter store, or an eigen store past its switch to the parameter-space array
                 x = pre
-            slow = feats @ b.projector.project(x)[0].double().numpy()
+                feats_used = b.stores["loss"].arrays["features"].astype(np.float64)
+            slow = feats_used @ b.projector.project(x)[0].double().numpy()
             # float32 gradients summed in another order (bands vs whole) differ by ~1e-8 of the largest score
             assert np.allclose(fast, slow, rtol=1e-6, atol=1e-7 * np.abs(slow).max()), (method, damping)
             f32 = b32.scores(b32.prepare(qid, "loss", method), damping)
@@ -349,6 +351,8 @@ def test_backend_damping_change_equals_from_scratch(tiny_setup, space):
             assert np.allclose(prof.sum(0), fast[order[:5]], rtol=1e-4, atol=1e-6 * np.abs(fast).max())
     # the curvature is never modified by damping changes
     assert all(torch.isfinite(curv.eigenvalues[n]).all() for n in curv.layer_names)
+    if space == "eigen":  # λ = 1e-2 and 1e-8 above took the two routes
+        assert 1e-8 < b.switch_damping <= 1e-2, b.switch_damping
 
 
 def test_backend_exact_rescoring_uses_full_gradients(tiny_setup):
