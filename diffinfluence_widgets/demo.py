@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write_text as _atomic_write_text
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -174,15 +175,6 @@ def default_cache_dir(config: str | DemoConfig = "demo") -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())

@@ -39,10 +39,9 @@ import hashlib
 import io
 import json
 import math
-import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,7 +49,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .influence.projection import DenseProjector, KroneckerProjector, projector_from_spec
+from ._io import atomic_write_bytes as _atomic_write_bytes
+from .influence.projection import KroneckerProjector, projector_from_spec
 
 __all__ = [
     "StoreError", "StoreCorruptError", "StoreMismatchError", "build_store", "build_gradient_store",
@@ -81,15 +81,6 @@ def _sha256_file(path: Path) -> str:
         for blk in iter(lambda: f.read(1 << 20), b""):
             h.update(blk)
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_bytes(obj) -> bytes:

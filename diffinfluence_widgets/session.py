@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import traitlets
 
+from ._io import atomic_write_bytes as _atomic_write
 from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem, SearchResult
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
@@ -765,21 +766,3 @@ class AttributionSession(traitlets.HasTraits):
         buf = io.BytesIO()
         card.save(buf, format="PNG")
         return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -15,7 +15,6 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffinfluence_widgets.data import ImageDataset
 from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.diffusion.draws import draw_noise
 from diffinfluence_widgets.evaluation.baselines import feature_similarity, pixel_similarity

@@ -10,7 +10,7 @@ import torch
 from diffinfluence_widgets.diffusion.draws import NoiseDraws
 from diffinfluence_widgets.diffusion.model import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.measurements import (
-    ELBO, MEASUREMENTS, JourneyTRAK, Measurement, Trajectory, TrajectoryLogProb, band_masks,
+    ELBO, MEASUREMENTS, Measurement, Trajectory, TrajectoryLogProb, band_masks,
     ddpm_step_mean_variance, discretized_gaussian_log_prob, elbo_weights, get_measurement, measure,
     timestep_bands,
 )

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import spearmanr
 
 from diffinfluence_widgets.diffusion import DiffusionModel, draw_noise, tiny_unet_config
-from diffinfluence_widgets.influence.curvature import Curvature, fit_curvature
+from diffinfluence_widgets.influence.curvature import fit_curvature
 from diffinfluence_widgets.influence.gradients import per_example_gradients, tracked_layers
 from diffinfluence_widgets.influence.scores import Scores, compute_scores
 

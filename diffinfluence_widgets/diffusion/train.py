@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..data.dataset import ImageDataset
+from .._io import atomic_write
 from .draws import example_generator
 from .model import DiffusionModel, resolve_device
 
@@ -147,15 +146,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _as_dataset(dataset) -> ImageDataset:

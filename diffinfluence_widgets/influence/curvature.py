@@ -31,17 +31,16 @@ per-example-mean, per-pixel-mean loss above (paper default 1e-8).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._io import atomic_write as _atomic_write
 from ..diffusion.draws import draw_noise, example_generator
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
@@ -76,18 +75,6 @@ def _choice(value: str, allowed: Sequence[str], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"{what}={value!r} is not one of {list(allowed)}")
     return value
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_manifest(path: Path, payload: str, fmt: str, what: str, *, model=None, dataset=None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 

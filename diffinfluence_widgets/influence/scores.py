@@ -19,7 +19,6 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..diffusion.model import DiffusionModel
 from ..measurements import Measurement, Trajectory, get_measurement

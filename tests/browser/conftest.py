@@ -1,5 +1,4 @@
 """Fixtures for the browser tests: one server of each kind and one headless Chromium per test session."""
-import shutil
 import sys
 from pathlib import Path
 
