@@ -50,6 +50,7 @@ import torch
 
 from . import distributed as dist_utils
 from ._io import atomic_write_bytes as _atomic_write_bytes
+from .influence.capture import model_lock
 from .influence.projection import KroneckerProjector, projector_from_spec
 
 __all__ = [
@@ -838,7 +839,8 @@ class IndexBackend:
             except Exception:
                 data = None
         if data is None:
-            res = sample(self.model, ids=[0], seed=seed, keep_trajectory=True, device=self.device)
+            with model_lock(self.model.unet):  # no capture may run on the network meanwhile
+                res = sample(self.model, ids=[0], seed=seed, keep_trajectory=True, device=self.device)
             data = {"image": res.images[0].cpu(), "timesteps": res.trajectory.timesteps.cpu(),
                     "states": res.trajectory.states.cpu()}
             path.parent.mkdir(parents=True, exist_ok=True)

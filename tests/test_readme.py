@@ -51,3 +51,30 @@ def test_cli_options_in_the_readme_exist():
 def test_notebooks_named_in_the_readme_exist():
     for name in re.findall(r"notebooks/([\w.]+\.ipynb)", README):
         assert (REPO / "notebooks" / name).is_file(), name
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch):
+    """The README's first Python example runs as written (on the tiny config, in a scratch folder).
+
+    It builds an explorer (whose threaded session starts working at once) and then an inline session on the same
+    backend: the two must not corrupt each other's work on the shared network (a regression: concurrent
+    gradient captures used to toggle each other's ``requires_grad``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    assert 'load_or_build_demo("demo")' in code
+    code = code.replace('load_or_build_demo("demo")', 'load_or_build_demo("tiny", progress=False)')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFINFLUENCE_CACHE", str(tmp_path / "cache"))
+    scope: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        torch.set_num_threads(threads)
+    session = scope["session"]
+    assert session.error == ""
+    assert len(session.result.proponents) == 8
+    assert [p.score for p in session.result.proponents] == sorted((p.score for p in session.result.proponents),
+                                                                   reverse=True)
+    assert (tmp_path / "card.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

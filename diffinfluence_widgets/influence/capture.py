@@ -15,6 +15,8 @@ are given ``requires_grad`` so their layer's ``b`` is still produced.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,7 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["tracked_layers", "layer_shape", "LayerCapture", "CallRecord", "frozen_eval"]
+__all__ = ["tracked_layers", "layer_shape", "LayerCapture", "CallRecord", "frozen_eval", "model_lock"]
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(module: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises work on one network across threads.
+
+    A capture registers hooks on shared modules and toggles ``requires_grad`` of their parameters, so any other
+    forward pass on the same network while it runs (another capture, sampling) would corrupt both. Hold this lock
+    around such work; :class:`LayerCapture` holds it for its whole duration.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
 
 
 def tracked_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -216,6 +235,8 @@ class LayerCapture:
         return hook
 
     def __enter__(self) -> "LayerCapture":
+        self._lock = model_lock(self.root if self.root is not None else next(iter(self.layers.values())))
+        self._lock.acquire()
         self.clear()
         if self.freeze_parameters:
             params = (self.root.parameters() if self.root is not None else
@@ -235,6 +256,7 @@ class LayerCapture:
         for p, flag in self._frozen:
             p.requires_grad_(flag)
         self._frozen.clear()
+        self._lock.release()
 
     def calls(self, name: str) -> Iterator[CallRecord]:
         for rec in self.records[name]:
