@@ -201,8 +201,8 @@ class LayerCapture:
     """Context manager recording ``a`` and ``b`` for every call of the given layers.
 
     ``records[name]`` is the list of :class:`CallRecord` of that layer, in forward order. Call :meth:`clear`
-    between backward passes. ``transform_a`` / ``transform_b`` (optional) map ``(name, tensor) -> tensor`` right when
-    a tensor is captured, e.g. to rotate into an eigenbasis or project, so the raw tensors need not be kept.
+    between backward passes. While it is open, the network's :func:`model_lock` is held and its parameters are
+    frozen (restored on exit).
     """
 
     layers: dict[str, nn.Module]
@@ -212,6 +212,7 @@ class LayerCapture:
     records: dict[str, list[CallRecord]] = field(default_factory=dict)
     _handles: list = field(default_factory=list, repr=False)
     _frozen: list = field(default_factory=list, repr=False)
+    _lock: threading.RLock | None = field(default=None, repr=False)
 
     def clear(self) -> None:
         self.records = {name: [] for name in self.layers}
