@@ -48,7 +48,7 @@ def toy_train(model, dataset, config, *, device=None, progress=True, checkpoint_
     start = 0
     ckpt = Path(checkpoint_dir) / "state.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt)
+        state = torch.load(ckpt, weights_only=True)
         model.unet.load_state_dict(state["unet"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -275,7 +275,7 @@ def test_interrupted_real_training_resumes_from_its_checkpoint(tmp_path):
         with pytest.raises(RuntimeError, match="simulated crash"):
             cache.run(jobs, progress=False)
         ckpt = tmp_path / "int" / "checkpoints" / cache.key(jobs[0]) / CHECKPOINT_NAME
-        assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == 10
+        assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] == 10
         assert not cache.is_done(jobs[0]) and not cache.is_done(jobs[1])
         cache.run(jobs, progress=False)
     finally:

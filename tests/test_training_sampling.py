@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted(tiny_model, tiny_digits, tmp_path):
 
     with pytest.raises(Boom):
         train_model(tiny_model, tiny_digits, cfg, progress=False, checkpoint_dir=tmp_path, callback=crash)
-    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 4
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
     with pytest.raises(TrainingInterrupted, match="after step 10"):
         train_model(tiny_model, tiny_digits, cfg, progress=False, checkpoint_dir=tmp_path, stop_after=10)

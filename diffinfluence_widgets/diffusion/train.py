@@ -214,7 +214,7 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = ckpt_dir / CHECKPOINT_NAME
         if ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+            state = torch.load(ckpt_path, map_location=dev, weights_only=True)
             for key, want in identity.items():
                 if state.get(key) != want:
                     raise ValueError(f"checkpoint {str(ckpt_path)!r} belongs to another run ({key} differs: "
