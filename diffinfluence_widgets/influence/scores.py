@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from ..diffusion.model import DiffusionModel
 from ..measurements import Measurement, Trajectory, get_measurement
-from .curvature import DEFAULT_DAMPING, Curvature, _atomic_write, check_damping, read_manifest
+from .._io import atomic_write as _atomic_write
+from .curvature import DEFAULT_DAMPING, Curvature, check_damping, read_manifest
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]

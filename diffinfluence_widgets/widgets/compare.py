@@ -8,11 +8,12 @@ import ipywidgets as W
 from ..session import AttributionSession, CompareResult
 from .controls import METHOD_HELP, _label
 from .gallery import InfluenceGallery
+from .plots import LazyRedraw
 
 __all__ = ["CompareView"]
 
 
-class CompareView(W.VBox):
+class CompareView(LazyRedraw, W.VBox):
     """Method A vs method B (each at its family's damping; A at the session's damping when it is the session's
     method): two galleries and Spearman / Kendall over all training scores plus the top-k overlap."""
 
@@ -44,19 +45,8 @@ class CompareView(W.VBox):
         if active:
             self.update()
 
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    @active.setter
-    def active(self, v: bool) -> None:
-        self._active = bool(v)
-        if self._active and self._dirty:
-            self.update()
-
     def _on_change(self, change=None):
-        self._dirty = True
-        if self._active:
+        if self._mark_changed():
             self.update()
 
     def update(self) -> None:

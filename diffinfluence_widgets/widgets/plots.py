@@ -100,7 +100,32 @@ class PlotlyView(anywidget.AnyWidget):
             self.on_click(int(content.get("curve", -1)), int(content.get("index", -1)), content.get("customdata"))
 
 
-class _View(W.VBox):
+class LazyRedraw:
+    """Redraw only while shown: a change made while hidden marks the view dirty, and showing it redraws once.
+
+    Subclasses set ``_active`` / ``_dirty`` in ``__init__`` and define ``update()`` (which clears ``_dirty``).
+    """
+
+    _active: bool = True
+    _dirty: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value)
+        if self._active and self._dirty:
+            self.update()
+
+    def _mark_changed(self) -> bool:
+        """Record a change; True when the view is shown and should redraw now."""
+        self._dirty = True
+        return self._active
+
+
+class _View(LazyRedraw, W.VBox):
     channel = "view"
     triggers: tuple[str, ...] = ("result",)
 
@@ -124,19 +149,8 @@ class _View(W.VBox):
         if active:
             self.update()
 
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._active = bool(value)
-        if self._active and self._dirty:
-            self.update()
-
     def _on_change(self, change=None) -> None:
-        self._dirty = True
-        if not self._active:
+        if not self._mark_changed():
             return
         if self.debounce_s <= 0:
             self.update()
