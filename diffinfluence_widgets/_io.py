@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["CorruptArtifactError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "file_mode", "sha256_bytes", "sha256_file", "check_sha256", "read_json", "save_safetensors",
-           "load_safetensors"]
+           "load_safetensors", "state_digest"]
 
 
 class CorruptArtifactError(ValueError):
@@ -180,3 +180,35 @@ def _safetensors_metadata(data: bytes) -> dict:
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     return dict(header.get("__metadata__") or {})
+
+
+def state_digest(obj) -> str:
+    """SHA-256 of a nested structure of dicts, lists, tensors / arrays and scalars (e.g. a training checkpoint's
+    state), independent of how it is serialised: stored beside the state, it lets a loader detect altered bytes
+    that the container format itself would accept."""
+    h = hashlib.sha256()
+
+    def walk(o) -> None:
+        if isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode() + b":")
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        elif hasattr(o, "detach") and hasattr(o, "dtype"):  # a torch tensor
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
+        elif hasattr(o, "tobytes") and hasattr(o, "dtype"):  # a numpy array
+            h.update(f"A{o.dtype}{o.shape}".encode() + o.tobytes())
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()

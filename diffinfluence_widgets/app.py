@@ -56,13 +56,9 @@ def app_notebook(config: str | None = None, cache_dir: str | Path | None = None,
 def write_app_notebook(path: str | Path, config: str | None = None, cache_dir: str | Path | None = None,
                        threads: int | None = None) -> Path:
     """Write :func:`app_notebook` to ``path`` (atomically)."""
-    import os
-
     import nbformat
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp-{p.name}-{os.getpid()}")
-    nbformat.write(app_notebook(config, cache_dir, threads), str(tmp))
-    os.replace(tmp, p)
-    return p
+    from ._io import atomic_write_text
+
+    text = nbformat.writes(app_notebook(config, cache_dir, threads))
+    return atomic_write_text(Path(path), text if text.endswith("\n") else text + "\n")  # as nbformat.write

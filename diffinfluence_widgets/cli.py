@@ -254,6 +254,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
     from PIL import Image
 
+    from ._io import atomic_write, atomic_write_text
     from .backend import SIGN_CONVENTION
     from .session import AttributionSession
 
@@ -290,19 +291,15 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
             f"EK-FAC (K-FAC-expand, GGN<sup>model</sup>), measurement: loss, damping 1e-8.</p>"
             f"<p><em>{html.escape(SIGN_CONVENTION)}</em></p><ul>{steps}</ul>{''.join(sections)}</body></html>")
     html_path, png_path = out / "report.html", out / "report.png"
-    tmp = html_path.with_name(f".tmp-{html_path.name}")
-    tmp.write_text(page)
-    os.replace(tmp, html_path)
+    atomic_write_text(html_path, page)
     width = max(c.width for c in cards)
     sheet = Image.new("RGB", (width, sum(c.height for c in cards)), "white")
     y = 0
     for c in cards:
         sheet.paste(c, (0, y))
         y += c.height
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
-    (out / "demo_info.json").write_text(json.dumps(info, indent=1))
+    atomic_write(png_path, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write_text(out / "demo_info.json", json.dumps(info, indent=1))
     return {"html": html_path, "png": png_path, "queries": [q.id for q in queries]}
 
 
@@ -310,6 +307,7 @@ def cmd_evaluate(args) -> int:
     import numpy as np
     import torch
 
+    from ._io import atomic_write_text
     from .evaluation import RetrainCache, generate_subsets, lds, lds_targets, oracle_lds
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -363,9 +361,7 @@ def cmd_evaluate(args) -> int:
               "measure_draws": args.measure_draws, "rows": rows,
               "seconds": {"scores": round(t_scores, 2), "retrain_and_measure": round(t_retrain, 2)}}
     path = out / "lds.json"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=1))
     print(f"\nwrote {path}")
     return 0
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ._io import atomic_write_bytes as _atomic_write_bytes
+from ._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, sha256_file as _sha256_file
 from .influence.capture import model_lock
 from .influence.projection import KroneckerProjector, projector_from_spec
 
@@ -67,8 +67,9 @@ class StoreError(RuntimeError):
     """Something is wrong with a projected-gradient store."""
 
 
-class StoreCorruptError(StoreError):
-    """A shard is missing, truncated or fails its checksum."""
+class StoreCorruptError(StoreError, CorruptArtifactError):
+    """A shard or the manifest is missing, truncated or fails its checksum (also a
+    :class:`~diffinfluence_widgets._io.CorruptArtifactError`)."""
 
 
 class StoreMismatchError(StoreError):
@@ -76,14 +77,6 @@ class StoreMismatchError(StoreError):
 
 
 # ============================================================================================ files
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""):
-            h.update(blk)
-    return h.hexdigest()
-
-
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode()
 
@@ -153,6 +146,8 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
                      .to(torch.long).cpu().numpy(), dtype=np.int64)
     if ids.ndim != 1 or len(np.unique(ids)) != len(ids):
         raise ValueError("store ids must be a 1-D array of unique integers")
+    if len(ids) == 0:
+        raise ValueError(f"cannot build a store at {str(root)!r} for an empty dataset (0 ids)")
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     shard_size = int(shard_size)
@@ -174,8 +169,13 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
-        if mf.is_file():
-            old = json.loads(mf.read_text())
+        try:
+            old = json.loads(mf.read_text()) if mf.is_file() else None
+        except ValueError:  # a torn manifest says nothing: shards are checked one by one below
+            warnings.warn(f"store manifest {mf} is corrupt; resuming the build from its checked shards",
+                          RuntimeWarning, stacklevel=2)
+            old = None
+        if old is not None:
             same = all(old.get(k) == head[k] for k in ("format", "version", "settings", "ids_sha256", "shard_size"))
             if not same:
                 if not overwrite:
@@ -191,6 +191,9 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
             elif not resume:
                 for p in (root / "shards").iterdir():
                     p.unlink()
+        elif not resume:
+            for p in (root / "shards").iterdir():
+                p.unlink()
         _atomic_write_bytes(mf, _json_bytes({**head, "complete": False, "arrays": {}, "shards": []}))
         buf = io.BytesIO()
         np.save(buf, ids)
@@ -351,7 +354,14 @@ class ProjectedStore:
             if st.get(k) != v:
                 raise StoreMismatchError(f"store {root} has {k}={json.dumps(st.get(k))[:120]}, expected "
                                          f"{json.dumps(v)[:120]}; rebuild it with these settings")
-        ids = np.load(root / "ids.npy")
+        try:
+            ids = np.load(root / "ids.npy")
+        except Exception as e:  # missing, truncated or not an .npy file
+            raise StoreCorruptError(f"{root / 'ids.npy'} cannot be read ({type(e).__name__}: {e}); rerun the "
+                                    "build with resume=True", root / "ids.npy") from None
+        if _ids_digest(ids) != man.get("ids_sha256"):
+            raise StoreCorruptError(f"{root / 'ids.npy'} fails its checksum (the manifest's ids_sha256); rerun "
+                                    "the build with resume=True", root / "ids.npy")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in man["arrays"]}
         for sh in man["shards"]:
             f = root / "shards" / f"{_shard_name(sh['index'])}.npz"
@@ -836,7 +846,9 @@ class IndexBackend:
         if path.is_file():
             try:
                 data = torch.load(path, weights_only=True)
-            except Exception:
+            except Exception as e:  # truncated / corrupt: say so, then regenerate it
+                warnings.warn(f"cached query {path} is unreadable ({type(e).__name__}: {e}); regenerating it",
+                              RuntimeWarning, stacklevel=2)
                 data = None
         if data is None:
             with model_lock(self.model.unet):  # no capture may run on the network meanwhile

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .._io import atomic_write_bytes
 
 __all__ = ["TRAKScorer", "DEFAULT_RELATIVE_DAMPING"]
 
@@ -67,15 +69,14 @@ class TRAKScorer:
             try:
                 with np.load(path) as z:
                     return cls(feats, eig=(z["sigma"], z["u"]))
-            except Exception:  # unreadable cache: recompute
-                pass
+            except Exception as e:  # unreadable cache: say so, recompute and rewrite it
+                warnings.warn(f"cached TRAK eigendecomposition {path} is unreadable ({type(e).__name__}: {e}); "
+                              "recomputing it", RuntimeWarning, stacklevel=2)
         out = cls(feats)
         if cache:
             buf = io.BytesIO()
             np.savez(buf, sigma=out.sigma, u=out.u)
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, buf.getvalue())
         return out
 
     @property
