@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache folder of this config (default: ${CACHE_ENV}/<config> or "
                         "./diffinfluence-cache/<config>); a second run reuses it")
     g.add_argument("--rebuild", action="store_true",
-                   help="delete the cache folder and build from scratch (also the way out of a cache built for "
-                        "another config or other settings)")
+                   help="delete the demo's files in the cache folder (those its manifest lists; nothing else) and "
+                        "build from scratch (also the way out of a cache built for another config); a folder "
+                        "that is not a demo cache is never deleted")
     g.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1' … (default: CUDA when available)")
     g.add_argument("--threads", type=int, default=_default_threads(),
                    help="torch CPU threads (default: $DIFFINFLUENCE_THREADS, else the idle cores now, 1 to 4: "

@@ -799,8 +799,8 @@ class IndexBackend:
             try:
                 return ProjectedStore.open(path, model=self.model, dataset=self.train, expect=settings)
             except StoreError as e:
-                if self.progress:
-                    print(f"store {path} is unusable ({e}); rebuilding / resuming it")
+                warnings.warn(f"store {path} is unusable ({e}); rebuilding / resuming it", RuntimeWarning,
+                              stacklevel=2)
         feat = store_feature_fn(self.projector)
         eig = store_feature_fn(self.projector, space="eigen", curvature=self.curvature,
                                whiten_damping=self.whiten_damping) if with_eigen else None
