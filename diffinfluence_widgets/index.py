@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, sha256_file as _sha256_file
+from ._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, sha256_file as _sha256_file, \
+    state_digest
 from .influence.capture import model_lock
 from .influence.projection import KroneckerProjector, projector_from_spec
 
@@ -846,6 +847,9 @@ class IndexBackend:
         if path.is_file():
             try:
                 data = torch.load(path, weights_only=True)
+                body = {k: data[k] for k in ("image", "timesteps", "states")}
+                if data.get("sha256") != state_digest(body):
+                    raise CorruptArtifactError(f"{path} fails its SHA-256 checksum", path)
             except Exception as e:  # truncated / corrupt: say so, then regenerate it
                 warnings.warn(f"cached query {path} is unreadable ({type(e).__name__}: {e}); regenerating it",
                               RuntimeWarning, stacklevel=2)
@@ -857,7 +861,7 @@ class IndexBackend:
                     "states": res.trajectory.states.cpu()}
             path.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            torch.save(data, buf)
+            torch.save({**data, "sha256": state_digest(data)}, buf)
             _atomic_write_bytes(path, buf.getvalue())
         item = QueryItem(id=qid, kind="generated", image=data["image"].numpy().astype(np.float32),
                          label=f"generated, seed {seed}", meta={"seed": seed})

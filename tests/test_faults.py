@@ -411,3 +411,16 @@ def test_store_build_killed_anywhere_resumes_bit_identically(tmp_path):
         done = build_gradient_store(st, model, data, proj, **kw)
         assert np.array_equal(done.arrays["features"], ref.arrays["features"]), (k, phase)
         assert np.array_equal(done.ids, ref.ids)
+
+
+def test_a_corrupt_trak_cache_is_recomputed_with_a_warning(env, tmp_path):
+    from diffinfluence_widgets.influence.trak import TRAKScorer
+
+    folder = _copy(env, "store", tmp_path)
+    first = TRAKScorer.from_store(ProjectedStore.open(folder))
+    (cache,) = folder.glob("trak-gram-eigh-*.npz")
+    for damage in (_flip_bit, _truncate):
+        damage(cache)
+        with pytest.warns(RuntimeWarning, match=str(cache)):
+            again = TRAKScorer.from_store(ProjectedStore.open(folder))
+        assert np.array_equal(again.sigma, first.sigma) and np.array_equal(again.u, first.u)
