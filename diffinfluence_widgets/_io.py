@@ -10,9 +10,11 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["CorruptArtifactError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "file_mode", "sha256_bytes", "sha256_file", "check_sha256", "read_json", "save_safetensors",
-           "load_safetensors", "state_digest"]
+           "load_safetensors", "state_digest", "remove_listed_entries"]
 
 
 class CorruptArtifactError(ValueError):
@@ -212,3 +214,22 @@ def state_digest(obj) -> str:
 
     walk(obj)
     return h.hexdigest()
+
+
+def remove_listed_entries(root: str | Path, patterns) -> list[str]:
+    """Delete the top-level entries of ``root`` whose names match one of ``patterns`` (names or globs, e.g. the
+    list a manifest keeps of what its writer created); return their names. Nothing else is touched: patterns with a
+    path separator or ``..`` and bare wildcards (``*``) are ignored, so a manifest can never send the deletion outside
+    ``root`` or sweep the whole folder, and a symbolic link is removed, never followed."""
+    root = Path(root)
+    pats = [p for p in (patterns if isinstance(patterns, (list, tuple)) else [])
+            if isinstance(p, str) and p.strip("*?") and "/" not in p and "\\" not in p and not p.startswith("..")]
+    gone = []
+    for p in sorted(root.iterdir()):
+        if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            gone.append(p.name)
+    return gone

@@ -23,7 +23,6 @@ Binder machines) and ``"demo"`` (16×16 digits, recognisable samples; a few minu
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text as _atomic_write_text
+from ._io import atomic_write_text as _atomic_write_text, remove_listed_entries
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -212,30 +211,10 @@ class _Log:
         warnings.warn(f"[diffinfluence demo] {msg}", RuntimeWarning, stacklevel=3)
 
 
-def _demo_entries(man: dict) -> list[str]:
-    """What a demo manifest says the demo wrote (version-1 manifests predate the list: their fixed layout)."""
-    entries = man.get("entries", list(DEMO_ENTRIES))
-    if not isinstance(entries, list):
-        return []
-    # top-level names / patterns only: a manifest can never send the deletion outside the folder
-    return [e for e in entries if isinstance(e, str) and e and "/" not in e and "\\" not in e
-            and e not in (".", "..") and not e.startswith("..")]
-
-
-def _remove_demo_entries(root: Path, man: dict, keep_manifest: bool = False) -> list[str]:
-    """Delete the entries of ``root`` that the demo manifest ``man`` lists; return their names."""
-    pats = _demo_entries(man)
-    gone = []
-    for p in sorted(root.iterdir()):
-        if p.name == "manifest.json" and keep_manifest:
-            continue
-        if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            gone.append(p.name)
-    return gone
+def _remove_demo_entries(root: Path, man: dict) -> list[str]:
+    """Delete the entries of ``root`` that the demo manifest ``man`` lists (version-1 manifests predate the list:
+    their fixed layout); return their names."""
+    return remove_listed_entries(root, man.get("entries", list(DEMO_ENTRIES)))
 
 
 # ---------------------------------------------------------------------------------------------- the build
@@ -358,7 +337,8 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
     threads:
         ``torch.set_num_threads(threads)`` for the build (and afterwards); ``None`` keeps the current setting.
     rebuild:
-        Delete whatever is in ``cache_dir`` and build from scratch.
+        Delete the demo's entries in ``cache_dir`` (those its manifest lists; other files are kept) and build from
+        scratch. A non-empty folder without a readable demo manifest is refused, never deleted.
 
     The backend carries ``backend.demo_info``: the config, cache folder, and per step whether it was reused and
     how many seconds it took.

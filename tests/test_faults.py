@@ -424,3 +424,18 @@ def test_a_corrupt_trak_cache_is_recomputed_with_a_warning(env, tmp_path):
         with pytest.warns(RuntimeWarning, match=str(cache)):
             again = TRAKScorer.from_store(ProjectedStore.open(folder))
         assert np.array_equal(again.sigma, first.sigma) and np.array_equal(again.u, first.u)
+
+
+def test_rebuild_removes_only_listed_entries_and_never_leaves_the_folder(tmp_path):
+    from diffinfluence_widgets._io import remove_listed_entries
+
+    root, outside = tmp_path / "cache", tmp_path / "outside.txt"
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "w.bin").write_bytes(b"w")
+    (root / ".tmp-model-123").mkdir()
+    (root / "thesis.tex").write_text("keep")
+    outside.write_text("keep")
+    (root / "link").symlink_to(tmp_path)  # a listed symlink is unlinked, its target untouched
+    gone = remove_listed_entries(root, ["model", ".tmp-model-*", "link", "../outside.txt", "*", "/etc", ".."])
+    assert gone == [".tmp-model-123", "link", "model"]
+    assert sorted(p.name for p in root.iterdir()) == ["thesis.tex"] and outside.read_text() == "keep"
