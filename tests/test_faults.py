@@ -110,6 +110,16 @@ def case_images_nan_given_to_the_model(env, tmp):
     return lambda: env["model"].check_images(x, "query images"), ValueError, "query images contain NaN"
 
 
+def case_non_image_file_in_a_folder(env, tmp):
+    from PIL import Image
+
+    from diffinfluence_widgets.data import from_image_folder
+
+    Image.new("L", (8, 8), 128).save(tmp / "a.png")
+    (tmp / "b.png").write_text("this is not a picture")
+    return lambda: from_image_folder(tmp, size=8), ValueError, str(tmp / "b.png")
+
+
 def case_damping_zero(env, tmp):
     return lambda: env["curvature"].precondition(env["grads"], 0.0), ValueError, "got 0.0"
 
