@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["CorruptArtifactError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "file_mode", "sha256_bytes", "sha256_file", "check_sha256", "read_json", "save_safetensors",
-           "load_safetensors", "state_digest", "remove_listed_entries"]
+           "load_safetensors", "state_digest", "remove_listed_entries", "remove_stale_temporaries"]
 
 
 class CorruptArtifactError(ValueError):
@@ -77,6 +77,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temporaries(folder: str | Path, name: str = "*") -> int:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` for target ``name`` (a glob) when a
+    process was killed between writing and renaming; return how many. Call it only where no other process is
+    writing the same files (e.g. when a resumable step starts)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

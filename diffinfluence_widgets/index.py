@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from ._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, sha256_file as _sha256_file, \
-    state_digest
+from ._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, remove_stale_temporaries, \
+    sha256_file as _sha256_file, state_digest
 from .influence.capture import model_lock
 from .influence.projection import KroneckerProjector, projector_from_spec
 
@@ -170,6 +170,8 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
+        # temporary files of a build killed mid-write (the other ranks wait at the barrier below)
+        remove_stale_temporaries(root) + remove_stale_temporaries(root / "shards")
         try:
             old = json.loads(mf.read_text()) if mf.is_file() else None
         except ValueError:  # a torn manifest says nothing: shards are checked one by one below

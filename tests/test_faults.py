@@ -381,6 +381,7 @@ def test_training_killed_anywhere_resumes_bit_identically(tmp_path):
         done = train_model(_model(0), data, cfg, progress=False, checkpoint_dir=ck)
         for (n, a), b in zip(ref.unet.state_dict().items(), done.unet.state_dict().values()):
             assert torch.equal(a, b), (k, phase, n)
+        assert [p.name for p in ck.iterdir()] == ["train_checkpoint.pt"]  # no temporaries of the killed run left
         survived += 1
     assert survived == 3
 
@@ -402,7 +403,7 @@ def test_curvature_fit_killed_anywhere_resumes_bit_identically(tmp_path):
             for part in ("eigenvalues", "q_a", "q_b"):
                 assert torch.equal(getattr(done, part)[n], getattr(ref, part)[n]), (k, phase, n, part)
         assert done.num_points == ref.num_points
-        assert not list(ck.glob("factors-*.safetensors"))
+        assert not list(ck.iterdir())  # the checkpoint and any temporary of the killed run are gone
 
 
 @pytest.mark.slow
@@ -421,6 +422,8 @@ def test_store_build_killed_anywhere_resumes_bit_identically(tmp_path):
         done = build_gradient_store(st, model, data, proj, **kw)
         assert np.array_equal(done.arrays["features"], ref.arrays["features"]), (k, phase)
         assert np.array_equal(done.ids, ref.ids)
+        listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))  # noqa: E731
+        assert listing(st) == listing(tmp_path / "ref")  # no temporaries of the killed run left
 
 
 def test_a_corrupt_trak_cache_is_recomputed_with_a_warning(env, tmp_path):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..data.dataset import ImageDataset
-from .._io import CorruptArtifactError, atomic_write, state_digest
+from .._io import CorruptArtifactError, atomic_write, remove_stale_temporaries, state_digest
 from .draws import example_generator
 from .model import DiffusionModel, resolve_device
 
@@ -230,6 +230,7 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
         ckpt_dir = Path(checkpoint_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = ckpt_dir / CHECKPOINT_NAME
+        remove_stale_temporaries(ckpt_dir, CHECKPOINT_NAME)  # left by a run killed mid-write
         if ckpt_path.is_file():
             state = _load_checkpoint(ckpt_path, dev)
             for key, want in identity.items():

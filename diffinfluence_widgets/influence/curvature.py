@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import CorruptArtifactError, atomic_write_json, load_safetensors, save_safetensors
+from .._io import (CorruptArtifactError, atomic_write_json, load_safetensors, remove_stale_temporaries,
+                   save_safetensors)
 from ..diffusion.draws import draw_noise, example_generator
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
@@ -207,6 +208,8 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
     stage = {"pass": "kfac", "batches_done": 0}
     ident = {**dict(identity or {}), "method": method, "kfac_approx": kfac_approx, "fisher": fisher,
              "factor_dtype": str(factor_dtype), "layers": names, "num_batches": problem.num_batches}
+    if checkpoint is not None:
+        remove_stale_temporaries(Path(checkpoint).parent, Path(checkpoint).name)  # left by a run killed mid-write
     if checkpoint is not None and Path(checkpoint).is_file():
         saved, stage = load_fit_checkpoint(Path(checkpoint), ident, list(sums))
         sums.update({k: v.to(dev) for k, v in saved.items()})
