@@ -246,7 +246,7 @@ def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
                                      "nothing else).")
             log(f"rebuilding {root}: {why}; removing " + ", ".join(_remove_demo_entries(root, old)))
         elif rebuild:
-            log(f"rebuild requested: removing " + ", ".join(_remove_demo_entries(root, old)) + f" from {root}")
+            log("rebuild requested: removing " + ", ".join(_remove_demo_entries(root, old)) + f" from {root}")
         elif old.get("config_digest") != cfg.digest():
             log(f"the {cfg.name!r} settings changed since {root} was built: the steps they affect are rebuilt")
     root.mkdir(parents=True, exist_ok=True)
