@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..diffusion.model import DiffusionModel
-from ..measurements import Measurement, Trajectory, get_measurement
+from ..diffusion.sampling import Trajectory
+from ..measurements import Measurement, get_measurement
 from .._io import atomic_write as _atomic_write
 from .curvature import DEFAULT_DAMPING, Curvature, check_damping, read_manifest
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
