@@ -18,7 +18,6 @@ query); negative scores are opponents.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from scipy import stats
 from ._io import atomic_write_bytes as _atomic_write
 from ._worker import _Inline, _Worker
 from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem, SearchResult
+from .config import check_damping
 from .data.images import to_png
 from .report import html_card, png_card
 from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement
@@ -131,10 +131,10 @@ class AttributionSession(traitlets.HasTraits):
 
     @traitlets.validate("damping")
     def _v_damping(self, proposal):
-        v = float(proposal["value"])
-        if not (math.isfinite(v) and v > 0):
-            raise traitlets.TraitError(f"damping must be a positive finite number, got {v!r}")
-        return v
+        try:
+            return check_damping(proposal["value"])
+        except (TypeError, ValueError) as e:  # the one damping rule, reported as a trait error
+            raise traitlets.TraitError(str(e)) from None
 
     @traitlets.validate("k")
     def _v_k(self, proposal):
