@@ -21,7 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .evaluation.run import evaluate_methods, lds_table
+# The package's torch-importing modules are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
+# which must happen before torch (and its OpenMP runtime) is loaded; `diffinfluence --help` stays fast as well.
 
 __all__ = ["main", "build_parser"]
 
@@ -309,6 +310,8 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from .evaluation.run import evaluate_methods, lds_table
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     art = _build(args, "index")
     try:

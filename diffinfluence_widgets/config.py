@@ -22,7 +22,7 @@ except ImportError:  # Python 3.10: the same behaviour for our purposes
             return str(self.value)
 
 __all__ = ["StrEnum", "Method", "Approximation", "Fisher", "StoreSpace", "IndexKind", "choice", "check_damping",
-           "DEFAULT_KFAC_DAMPING", "KFAC_METHODS", "TRAK_METHODS", "StoreConfig", "IndexConfig"]
+           "DEFAULT_KFAC_DAMPING", "DEFAULT_METHODS", "KFAC_METHODS", "TRAK_METHODS", "StoreConfig", "IndexConfig"]
 
 
 class Method(StrEnum):
@@ -70,6 +70,8 @@ class IndexKind(StrEnum):
 #: the K-FAC family (their dampings are comparable) and the TRAK family (λ relative to ΦᵀΦ)
 KFAC_METHODS = (Method.EKFAC, Method.KFAC)
 TRAK_METHODS = (Method.TRAK, Method.DTRAK, Method.JOURNEY_TRAK)
+#: the methods a backend offers unless told otherwise (identity is opt-in: a baseline)
+DEFAULT_METHODS = (Method.EKFAC, Method.KFAC, Method.TRAK, Method.DTRAK, Method.JOURNEY_TRAK)
 #: paper default λ for the K-FAC family (relative to the GGN of the per-pixel-mean, per-example-mean loss)
 DEFAULT_KFAC_DAMPING = 1e-8
 
@@ -138,7 +140,7 @@ class StoreConfig:
 class IndexConfig:
     """The query / search side of the projected backend (changing it never rebuilds a store)."""
 
-    methods: tuple[Method, ...] = (Method.EKFAC, Method.KFAC, Method.TRAK, Method.DTRAK, Method.JOURNEY_TRAK)
+    methods: tuple[Method, ...] = DEFAULT_METHODS
     measurements: tuple[str, ...] | None = None
     index_kind: IndexKind = IndexKind.AUTO
     rescore_candidates: int = 0

@@ -156,7 +156,6 @@ def from_image_folder(path: str | Path, size: int | None = None, channels: int |
 def _item_to_tensor(img: Any, channels: int | None, where: str) -> torch.Tensor:
     """One dataset item's image -> float ``[C, H, W]`` (not yet rescaled)."""
     try:
-        from PIL import Image
         if isinstance(img, Image.Image):
             mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if img.mode in _GREY_MODES else "RGB")
             return _pil_to_tensor(img, mode) * 255.0  # back to 0..255 so that it is treated like uint8

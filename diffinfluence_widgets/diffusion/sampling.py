@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .draws import example_generator
 from .model import DiffusionModel, resolve_device
@@ -110,7 +111,6 @@ def sample(model: DiffusionModel, num_samples: int | None = None, *, seed: int =
     keep_trajectory:
         Keep x_T and every intermediate x_{t-1} (``result.trajectory``, on the CPU, in the model's dtype).
     """
-    from tqdm.auto import tqdm
 
     if ids is None:
         if num_samples is None or isinstance(num_samples, bool) or int(num_samples) < 0:

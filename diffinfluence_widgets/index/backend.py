@@ -32,7 +32,8 @@ __all__ = ["IndexBackend", "GENERATED_ID_BASE", "RESCORE_CACHE_BYTES"]
 
 #: memory for the full training gradients kept for exact rescoring (oldest evicted first)
 RESCORE_CACHE_BYTES = 512 << 20
-DEFAULT_MEASUREMENTS = ("loss", "elbo_simplified", "square_norm", "loss_at_t=100", "loss_at_t=500", "journey_trak")
+DEFAULT_MEASUREMENTS = (
+    "loss", "elbo_simplified", "square_norm", "loss_at_t=100", "loss_at_t=500", "journey_trak")
 
 
 @dataclass
@@ -235,18 +236,18 @@ class IndexBackend:
             raise ValueError(f"unknown method {method!r}; expected one of {self.methods}")
         if measurement not in self.measurements:
             raise ValueError(f"unknown measurement {measurement!r}; expected one of {self.measurements}")
-        pre = self.preconditioners[method]
-        used = pre.query_measurement(measurement)
-        meas = get_measurement(used)
-        g = self.query_gradients(query_id, used)
-        layers = {n: g.layers[n][0] for n in self.layer_names}  # [d_out, d_in+1]
         band = None if band is None else (int(band[0]), int(band[1]))
         if band is not None and band not in self.bands:
             raise ValueError(f"unknown band {band!r}; expected one of {self.bands} or None")
-        used = "journey_trak" if method == "journey_trak" and not measurement.startswith("journey_trak") \
-            else measurement
-        meas = get_measurement(used)
-        g = self.query_gradients(query_id, used)
+        pre = self.preconditioners[method]
+        used = pre.query_measurement(measurement)
+        stacked, band_rows = self._band_parts(self.query_gradients(query_id, used), get_measurement(used), band)
+        return PreparedQuery(query_id=int(query_id), measurement=measurement, method=method, band=band,
+                             payload=_Payload(pre, pre.rotate(stacked), band_rows, used))
+
+    def _band_parts(self, g, meas, band: tuple[int, int] | None) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """``{layer: [1 + nb', d_out, d_in+1]}`` float64 (row 0 the whole, then the band parts) and the row of each
+        band's part (−1: no contribution); with ``band`` only that band's part counts."""
         layers = {n: g.layers[n][0] for n in self.layer_names}  # [d_out, d_in+1]
         nb = len(self.bands)
         if g.band_layers is not None:
@@ -267,9 +268,7 @@ class IndexBackend:
             elif band_rows[bi] != 0:
                 layers = {n: torch.zeros_like(layers[n]) for n in self.layer_names}
             band_rows = [(r if i == bi else -1) for i, r in enumerate(band_rows)]
-        stacked = {n: torch.cat([layers[n][None].double(), parts[n].double()]) for n in self.layer_names}
-        return PreparedQuery(query_id=int(query_id), measurement=measurement, method=method, band=band,
-                             payload=_Payload(pre, pre.rotate(stacked), band_rows, used))
+        return {n: torch.cat([layers[n][None].double(), parts[n].double()]) for n in self.layer_names}, band_rows
 
     def _array(self, p: _Payload, damping: float) -> tuple[str, str]:
         """``(store, array)`` searched for this query at λ."""
