@@ -39,23 +39,24 @@ class Method(StrEnum):
 class Approximation(StrEnum):
     """How K-FAC treats the weight sharing over pixels and draws (``kfac_approx``)."""
 
+    #: A = Σ a aᵀ over examples and shared positions (recommended)
     EXPAND = "expand"
+    #: A from the mean input and B from the summed output gradient over shared positions
     REDUCE = "reduce"
 
 
 class Fisher(StrEnum):
     """Which GGN the K-FAC factors approximate."""
 
-    MODEL = "model"
-    EMPIRICAL = "empirical"
-    EXACT = "exact"
+    MODEL = "model"  # GGN^model, a Monte-Carlo Fisher (recommended)
+    EMPIRICAL = "empirical"  # GGN^loss, what TRAK implicitly uses (ablation)
+    EXACT = "exact"  # GGN^model with H's square root backpropagated column by column
 
 
 class StoreSpace(StrEnum):
     """Coordinates of a store's K-FAC array: plain projected gradients, or whitened in the eigenbasis."""
 
-    PARAMETER = "parameter"
-    EIGEN = "eigen"
+    PARAMETER, EIGEN = "parameter", "eigen"
 
 
 class IndexKind(StrEnum):

@@ -12,6 +12,21 @@ from .base import _LOG_EPS, Measurement, _check_finite, _gather_states, _parse_u
 
 __all__ = ["ELBO", "TrajectoryLogProb", "elbo_terms", "prior_kl", "ddpm_step_mean_variance", "discretized_gaussian_log_prob"]
 
+
+class _InUnits(Measurement):
+    """A likelihood measurement reported in bits/dim (``name``) or nats per image (``name=nats``)."""
+
+    base_name = ""
+
+    def __init__(self, units: str = "bpd"):
+        self.units_key = _parse_units(units, self.base_name)
+        self.name = self.base_name if self.units_key == "bpd" else f"{self.base_name}=nats"
+        self.units = "bits/dim" if self.units_key == "bpd" else "nats per image"
+
+    @classmethod
+    def from_arg(cls, arg: str) -> "_InUnits":
+        return cls(arg)
+
 def discretized_gaussian_log_prob(x: torch.Tensor, centred: torch.Tensor, sigma: float | torch.Tensor,
                                   num_bins: int = 256) -> torch.Tensor:
     """Elementwise log-probability of the bin of ``x`` under a Gaussian discretised to ``num_bins`` bins on [-1, 1].
@@ -73,7 +88,7 @@ def prior_kl(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
     return per_pix.flatten(1).sum(-1)
 
 
-class ELBO(Measurement):
+class ELBO(_InUnits):
     """The full negative DDPM variational bound (a loss: lower = better), in bits/dim (default) or nats/image.
 
     ``−ELBO(x_0) = Σ_{t=1}^{T−1} KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)) − log p_θ(x_0|x_{t=0}) + KL(q(x_{T−1}|x_0) ‖ N(0,I))``
@@ -92,14 +107,7 @@ class ELBO(Measurement):
 
     default_num_draws = 256
 
-    def __init__(self, units: str = "bpd"):
-        self.units_key = _parse_units(units, "elbo")
-        self.name = "elbo" if self.units_key == "bpd" else "elbo=nats"
-        self.units = "bits/dim" if self.units_key == "bpd" else "nats per image"
-
-    @classmethod
-    def from_arg(cls, arg: str) -> "ELBO":
-        return cls(arg)
+    base_name = "elbo"
 
     def per_draw(self, model, images, draws, trajectory=None):
         noise = draws.noise.to(device=images.device, dtype=images.dtype)
@@ -153,7 +161,7 @@ def ddpm_step_mean_variance(model: DiffusionModel, x_t: torch.Tensor, eps_pred: 
     return mean.reshape(x_t.shape), var.reshape(lead).to(torch.float64)
 
 
-class TrajectoryLogProb(Measurement):
+class TrajectoryLogProb(_InUnits):
     """Log-likelihood of the query's stored DDPM sampling trajectory (higher = better; bits/dim or nats/image).
 
     ``log p_θ(τ) = log N(x_T; 0, I) + Σ_k log N(x_{k+1}; μ_θ(x_k, t_k), σ_k² I)`` over the stochastic steps of the
@@ -176,14 +184,7 @@ class TrajectoryLogProb(Measurement):
     higher_is_better = True
     default_num_draws = 1000
 
-    def __init__(self, units: str = "bpd"):
-        self.units_key = _parse_units(units, "trajectory_logprob")
-        self.name = "trajectory_logprob" if self.units_key == "bpd" else "trajectory_logprob=nats"
-        self.units = "bits/dim" if self.units_key == "bpd" else "nats per image"
-
-    @classmethod
-    def from_arg(cls, arg: str) -> "TrajectoryLogProb":
-        return cls(arg)
+    base_name = "trajectory_logprob"
 
     @staticmethod
     def stochastic_steps(model: DiffusionModel, trajectory: Trajectory) -> torch.Tensor:
