@@ -12,6 +12,9 @@ Every command takes ``--config {demo,tiny}``, ``--cache-dir``, ``--device`` and 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import io
 import json
 import os
 import signal
@@ -21,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-# The package's torch-importing modules are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
+# The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
 # which must happen before torch (and its OpenMP runtime) is loaded; `diffinfluence --help` stays fast as well.
 
 __all__ = ["main", "build_parser"]
@@ -251,10 +254,6 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     """A static report of the demo: for a few queries (generated first, then held-out) the top-k proponents and
     opponents at the default settings (EK-FAC, loss, λ = 1e-8), as HTML / PNG cards plus CSV / JSON; an index
     ``report.html`` and a stacked ``report.png``."""
-    import base64
-    import html
-    import io
-
     from PIL import Image
 
     from .backend import SIGN_CONVENTION
