@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._io import atomic_write_text
+
 __all__ = ["app_notebook", "write_app_notebook", "APP_TITLE"]
 
 APP_TITLE = "Influence explorer — digits demo"
@@ -36,7 +38,7 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
 
 def app_notebook(config: str | None = None, cache_dir: str | Path | None = None, threads: int | None = None):
     """The app as an ``nbformat`` notebook. ``config=None`` reads ``DIFFINFLUENCE_SMALL`` at run time."""
-    import nbformat
+    import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -56,9 +58,7 @@ def app_notebook(config: str | None = None, cache_dir: str | Path | None = None,
 def write_app_notebook(path: str | Path, config: str | None = None, cache_dir: str | Path | None = None,
                        threads: int | None = None) -> Path:
     """Write :func:`app_notebook` to ``path`` (atomically)."""
-    import nbformat
-
-    from ._io import atomic_write_text
+    import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
     text = nbformat.writes(app_notebook(config, cache_dir, threads))
     return atomic_write_text(Path(path), text if text.endswith("\n") else text + "\n")  # as nbformat.write

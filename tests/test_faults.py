@@ -23,8 +23,8 @@ from diffinfluence_widgets.data import ImageDataset, load_digits
 from diffinfluence_widgets.demo import DEMO_CONFIGS, DemoCacheError, build_demo
 from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.diffusion.train import TrainConfig, train_model
-from diffinfluence_widgets.index import (StoreCorruptError, StoreMismatchError, build_gradient_store, build_store,
-                                         ProjectedStore)
+from diffinfluence_widgets.store import (ProjectedStore, StoreCorruptError, StoreMismatchError, build_gradient_store,
+                                         build_store)
 from diffinfluence_widgets.influence.artifacts import CheckpointMismatchError
 from diffinfluence_widgets.influence.curvature import Curvature, fit_curvature
 from diffinfluence_widgets.influence.gradients import layer_shapes, per_example_gradients
