@@ -269,9 +269,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     sections, cards = [], []
     for q in queries:
         session.update(query_id=q.id)
-        r = session.result
-        if r is None:
-            raise RuntimeError(f"no result for query {q.id}: {session.error}")
+        r = session.current_result()  # never a previous query's result after a failure
         stem = f"query{q.id}_{r.measurement}_{r.method}"
         for suffix in (".csv", ".json", ".html", ".png"):
             session.export(out / f"{stem}{suffix}")

@@ -452,3 +452,49 @@ def test_rebuild_removes_only_listed_entries_and_never_leaves_the_folder(tmp_pat
     gone = remove_listed_entries(root, ["model", ".tmp-model-*", "link", "../outside.txt", "*", "/etc", ".."])
     assert gone == [".tmp-model-123", "link", "model"]
     assert sorted(p.name for p in root.iterdir()) == ["thesis.tex"] and outside.read_text() == "keep"
+
+
+def test_a_failed_request_leaves_no_stale_result_to_export(tmp_path):
+    from diffinfluence_widgets.session import AttributionSession
+    from diffinfluence_widgets.widgets._standin import StandInBackend
+
+    backend = StandInBackend(num_train=60, num_heldout=3, num_generated=0)
+    good, bad = [q.id for q in backend.queries()][:2]
+    backend.fail_query = bad
+    s = AttributionSession(backend, threaded=False, query_id=good)
+    s.wait()
+    assert s.result_is_current and s.export(tmp_path / "good.csv").is_file()
+    s.update(query_id=bad)  # this request fails
+    assert s.error and s.query_id == bad and s.result.query_id == good and not s.result_is_current
+    for suffix in (".csv", ".json", ".html", ".png"):
+        with pytest.raises(RuntimeError, match=rf"'query_id': {bad}.*last request failed.*stand-in failure"):
+            s.export(tmp_path / f"stale{suffix}")
+        assert not (tmp_path / f"stale{suffix}").exists()
+    s.update(query_id=good)  # a good request makes the result current again
+    assert s.result_is_current and s.current_result().query_id == good
+    s.close()
+    # a threaded session: while a newer request runs, the result held is for older settings and is refused
+    backend.prepare_delay = 0.3
+    t = AttributionSession(backend, threaded=True, query_id=good)
+    t.wait()
+    t.update(query_id=[q.id for q in backend.queries()][2])
+    with pytest.raises(RuntimeError, match="still being computed"):
+        t.export(tmp_path / "busy.csv")
+    t.wait()
+    assert t.result_is_current and t.export(tmp_path / "busy.csv").is_file()
+    t.close()
+
+
+def test_headless_report_refuses_a_failed_query_instead_of_reusing_the_last_result(tmp_path):
+    from types import SimpleNamespace
+
+    from diffinfluence_widgets.cli import write_report
+    from diffinfluence_widgets.widgets._standin import StandInBackend
+
+    backend = StandInBackend(num_train=60, num_heldout=3, num_generated=0)
+    first, second = sorted(q.id for q in backend.queries())[:2]
+    backend.fail_query = second
+    art = SimpleNamespace(backend=backend, info={"config": "standin", "steps": {}})
+    with pytest.raises(RuntimeError, match=rf"'query_id': {second}.*last request failed"):
+        write_report(art, tmp_path, num_queries=3, k=4)
+    assert list(tmp_path.glob(f"query{first}_*")) and not list(tmp_path.glob(f"query{second}_*"))
