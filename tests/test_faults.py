@@ -132,6 +132,23 @@ def case_damping_nan(env, tmp):
     return lambda: env["curvature"].inverse_eigenvalues(float("nan")), ValueError, "got nan"
 
 
+def case_damping_zero_trak(env, tmp):
+    from diffinfluence_widgets.influence.trak import TRAKScorer
+
+    t = TRAKScorer(ProjectedStore.open(env["root"] / "store").arrays["features"])
+    return lambda: t.query_feature(t.rotate(np.ones(t.k)), 0.0), ValueError, "got 0.0"
+
+
+def case_damping_zero_session(env, tmp):
+    import traitlets
+
+    from diffinfluence_widgets.session import AttributionSession
+    from diffinfluence_widgets.widgets._standin import StandInBackend
+
+    s = AttributionSession(StandInBackend(num_train=60, num_heldout=2, num_generated=0), threaded=False)
+    return lambda: setattr(s, "damping", 0.0), traitlets.TraitError, "got 0.0"
+
+
 def case_unknown_method(env, tmp):
     return lambda: _fit(env["model"], env["data"], method="kfc"), ValueError, "'kfc'"
 
