@@ -450,6 +450,15 @@ def _curvature_fingerprint(curvature) -> str | None:
     return h.hexdigest()[:16]
 
 
+def chunked_matvec(features: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """``features @ q`` in float64, converting ``rows`` rows at a time (no float64 copy of the whole store)."""
+    q = np.asarray(q, dtype=np.float64)
+    out = np.empty(features.shape[0])
+    for a in range(0, features.shape[0], rows):
+        out[a:a + rows] = features[a:a + rows].astype(np.float64) @ q
+    return out
+
+
 # ============================================================================================ 2. search
 class FeatureIndex:
     """Maximum-inner-product search over stored features with FAISS.
@@ -600,6 +609,9 @@ KFAC_METHODS = ("ekfac", "kfac")
 TRAK_METHODS = ("trak", "dtrak", "journey_trak")
 #: memory for the rotated full training gradients kept for exact rescoring (oldest evicted first)
 RESCORE_CACHE_BYTES = 512 << 20
+#: ``exact_store="auto"``: keep the full rotated training gradients on disk up to this size (refined answers exact
+#: over every training image); above it, refined answers rescore a pool of FAISS candidates
+EXACT_STORE_MAX_BYTES = 4 << 30
 #: ``index_kind="auto"``: exact flat search up to this many training examples, IVF above
 AUTO_FLAT_MAX = 50_000
 #: paper default λ for the K-FAC family (relative to the GGN of the per-pixel-mean, per-example-mean loss)
@@ -617,6 +629,9 @@ class _Payload:
     # large-λ route (eigen stores): the parameter-space engine and its (unscaled) rotated vectors
     param_engine: Any = None
     param_vectors: Any = None
+    # refined answers: the query in the eigenbasis (float64, unscaled) and its per-method exact state
+    exact_rot: Any = None
+    exact_state: Any = None
 
 
 class IndexBackend:
@@ -656,7 +671,9 @@ class IndexBackend:
                  measurements: Sequence[str] | None = None, index_kind: str = "auto",
                  rescore_candidates: int = 0, shard_size: int = 256, batch_size: int = 16, device=None,
                  progress: bool = True, on_train_gradients: Callable | None = None,
-                 query_dtype: torch.dtype = torch.float32, switch_damping: float | str | None = "auto"):
+                 query_dtype: torch.dtype = torch.float32, switch_damping: float | str | None = "auto",
+                 exact_store: bool | str = "auto", exact_dtype: str = "float32",
+                 exact_max_bytes: int = EXACT_STORE_MAX_BYTES, refine_bins: int = 1024):
         from .influence.gradients import layer_shapes
         from .influence.projection import make_projector
         from .influence.trak import TRAKScorer
@@ -760,6 +777,14 @@ class IndexBackend:
             self.generate_query(s)
         self._map2d: np.ndarray | None = None
         self._grad_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        # ---- the exact store (full rotated training gradients) behind the refined answers, when it fits
+        self.exact_store, self._exact = None, {}
+        want = exact_store if isinstance(exact_store, bool) else None
+        if exact_store not in (True, False, "auto"):
+            raise ValueError(f"exact_store must be True, False or 'auto', got {exact_store!r}")
+        size = len(self.train_ids) * curvature.num_parameters * (8 if exact_dtype == "float64" else 4)
+        if self._kfac and (want or (want is None and size <= int(exact_max_bytes))):
+            self._build_exact(exact_dtype, int(refine_bins))
 
     @classmethod
     def build(cls, model, train, heldout, curvature, cache_dir: str | Path, **kwargs) -> "IndexBackend":
@@ -918,6 +943,7 @@ class IndexBackend:
         if method in KFAC_METHODS:
             engine = self._kfac[method]
             payload = _Payload("kfac", "kfac", engine.rotate(stacked), band_rows, used, engine)
+            payload.exact_rot = self.curvature.rotate({n: stacked[n][0].double() for n in self.layer_names})
             if method in self._kfac_param:
                 payload.param_engine = self._kfac_param[method]
                 payload.param_vectors = payload.param_engine.rotate(stacked)
@@ -955,7 +981,7 @@ class IndexBackend:
     def scores(self, prepared, damping: float) -> np.ndarray:
         """Scores of every training example (``[N]`` float64, :attr:`train_ids` order) at damping λ."""
         q = self._query_features(prepared, damping)[0]
-        return self._feat[self._store_key(prepared.payload, damping)].astype(np.float64) @ q
+        return chunked_matvec(self._feat[self._store_key(prepared.payload, damping)], q)
 
     def search(self, prepared, damping: float, k: int):
         """Top-k proponents and opponents from the FAISS index; with ``rescore_candidates > 0`` the
@@ -972,7 +998,8 @@ class IndexBackend:
             exact = self.exact_scores(prepared, damping, cand)
             order = np.argsort(-exact, kind="stable")
             top, bot = order[: int(k)], order[::-1][: int(k)]
-            return SearchResult(cand[top], exact[top], cand[bot], exact[bot], float(damping), exact=True)
+            return SearchResult(cand[top], exact[top], cand[bot], exact[bot], float(damping), exact=True,
+                                exact_over="candidates")
         pi, ps, oi, os_ = index.proponents_opponents(q, int(k))
         return SearchResult(pi, ps, oi, os_, float(damping), exact=False)
 
@@ -1007,6 +1034,89 @@ class IndexBackend:
             g = torch.stack([local[i][n] for i in ids]).to(x.dtype)
             out += (g * x).flatten(1).sum(1).cpu().numpy()
         return out
+
+    # ------------------------------------------------------------------ refined (exact) answers
+    def _build_exact(self, dtype: str, num_bins: int) -> None:
+        from .exact_store import build_exact_store, curvature_basis_fingerprint
+        from .refine import ExactScorer
+
+        key = _json_bytes([self._model_fp, self.train.fingerprint(), curvature_basis_fingerprint(self.curvature),
+                           self.num_draws, self.draw_seed, dtype])
+        path = self.cache_dir / "exact" / hashlib.sha256(key).hexdigest()[:12]
+        self.exact_store = build_exact_store(path, self.model, self.train, self.curvature, num_draws=self.num_draws,
+                                             seed=self.draw_seed, dtype=dtype, batch_size=self.batch_size,
+                                             device=self.device, progress=self.progress)
+        if not np.array_equal(self.exact_store.ids, self.train_ids):
+            raise StoreMismatchError(f"exact store {path} lists other training ids than the dataset")
+        self._exact = {m: ExactScorer(self.exact_store, self.curvature, eigenvalues=m, num_bins=num_bins)
+                       for m in self._kfac}
+
+    def refine(self, prepared, damping: float, k: int):
+        """The refined answer: the method's exact top-k at λ (``SearchResult.exact``; ``exact_over`` says over what).
+
+        K-FAC family with an exact store (``exact_over="all"``): exact over every training image (see
+        :mod:`.refine`: one streamed pass per query, then any λ from the query's damping profile and a few rows; no
+        training gradient). Without one (``"candidates"``): exact scores of a pool of FAISS candidates gathered
+        once per query at every decade of λ (1e-14 … 1e2) and at the current λ, whose rotated gradients are kept
+        with the query, so a new λ computes no gradient either. TRAK family: the projected search *is* the
+        method's definition, so the flat index's answer is exact (``"all"``); IVF / HNSW answers are not.
+        """
+        from .backend import SearchResult
+
+        lam = float(damping)
+        if not (lam > 0) or not math.isfinite(lam):
+            raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
+        p: _Payload = prepared.payload
+        if p.family != "kfac":
+            r = self.search(prepared, lam, k)
+            r.exact = self._index[self._store_key(p, lam)].kind == "flat"
+            r.exact_over = "all" if r.exact else ""
+            return r
+        if prepared.method in self._exact:
+            sc = self._exact[prepared.method]
+            if p.exact_state is None:
+                p.exact_state = sc.query(p.exact_rot)
+            t = sc.top_k(p.exact_state, lam, k)
+            ids = self.exact_store.ids
+            return SearchResult(ids[t.proponents], t.proponent_scores, ids[t.opponents], t.opponent_scores, lam,
+                                exact=True, exact_over="all",
+                                stats={"candidates": t.candidates, "streamed": t.streamed})
+        if p.exact_state is None:
+            p.exact_state = self._candidate_pool(prepared, lam, k)
+        pool_ids, rows = p.exact_state
+        u = torch.cat([(p.exact_rot[n] / (self._kfac[prepared.method].lam[n].double() + lam)).reshape(-1)
+                       for n in self.layer_names])
+        s = (rows.double() @ u).numpy()
+        order = np.lexsort((pool_ids, -s))[: int(k)]
+        rev = np.lexsort((pool_ids, s))[: int(k)]
+        return SearchResult(pool_ids[order], s[order], pool_ids[rev], s[rev], lam, exact=True,
+                            exact_over="candidates", stats={"candidates": len(pool_ids), "streamed": False})
+
+    def _candidate_pool(self, prepared, damping: float, k: int):
+        """``(ids, [M, P] rotated training gradients)`` of the FAISS candidates of every decade of λ."""
+        from .influence.gradients import per_example_gradients
+
+        p: _Payload = prepared.payload
+        per_row = 4 * self.curvature.num_parameters
+        grid = [10.0 ** e for e in range(-14, 3)] + [float(damping)]
+        m = max(int(k), self.rescore_candidates or 20)
+        # the pool's rows live with the query: cap it so they fit RESCORE_CACHE_BYTES
+        m = max(int(k), min(m, RESCORE_CACHE_BYTES // max(per_row * 2 * len(grid), 1)))
+        pool: dict[int, None] = {}
+        for lam in grid[::-1]:  # the current λ first
+            q = self._query_features(prepared, lam)[0]
+            pi, _, oi, _ = self._index[self._store_key(p, lam)].proponents_opponents(q, m)
+            pool.update(dict.fromkeys(int(i) for i in np.concatenate([pi, oi])))
+        ids = np.array(list(pool), dtype=np.int64)
+        rows = []
+        for a in range(0, len(ids), self.batch_size):
+            part = ids[a:a + self.batch_size].tolist()
+            pos = [self._train_pos[i] for i in part]
+            g = per_example_gradients(self.model, self.train.images[pos], part, "loss", num_draws=self.num_draws,
+                                      seed=self.draw_seed, batch_size=self.batch_size, device=self.device)
+            rot = self.curvature.rotate({n: g.layers[n].to("cpu", torch.float64) for n in self.layer_names})
+            rows.append(torch.cat([rot[n].reshape(len(part), -1) for n in self.layer_names], 1).float())
+        return ids, torch.cat(rows)
 
     def band_profile(self, prepared, damping: float, ids: Sequence[int]) -> np.ndarray:
         """``[num_bands, len(ids)]`` per-band contributions (they sum to the scores of ``ids``; a prepared band or
