@@ -4,18 +4,21 @@ With ``u = Qᵀ g_q`` (the query rotated into the eigenbasis, flattened over lay
 of the exact store), the exact score at damping λ is ``s_j(λ) = Σ_i u_i r_ji / (Λ_i + λ)``.
 
 **Design (ours): a per-query damping profile with error bounds.** The coordinates are grouped into B bins of
-log-spaced eigenvalue ``Λ`` (bin b holds the eigenvalues in ``[lo_b, hi_b]``). One streamed pass over the store
-per query computes, for every training example, ``P[j, b] = Σ_{i∈b} u_i r_ji`` and ``A[j, b] = Σ_{i∈b} |u_i r_ji|``
-(``[N, B]`` each: 16 B per example and bin). For any λ, with ``w_b`` the midpoint and ``h_b`` the half-width of
-``1/(Λ + λ)`` over ``[lo_b, hi_b]``:
+log-spaced eigenvalue ``Λ`` (bin b holds the eigenvalues in ``[lo_b, hi_b]``, midpoint ``c_b``, half-width
+``d_b``). One streamed pass over the store per query computes, for every training example,
+``P0[j, b] = Σ_{i∈b} u_i r_ji``, ``P1[j, b] = Σ_{i∈b} u_i r_ji (Λ_i − c_b)`` and ``A[j, b] = Σ_{i∈b} |u_i r_ji|``
+(``[N, B]`` each: 24 B per example and bin). For any λ, the second-order expansion of ``1/(Λ + λ)`` around
+``c_b`` gives
 
-    ŝ_j = Σ_b P[j, b] w_b,    |s_j − ŝ_j| ≤ e_j = Σ_b A[j, b] h_b,
+    ŝ_j = Σ_b P0[j, b] / (c_b + λ) − P1[j, b] / (c_b + λ)²,
+    |s_j − ŝ_j| ≤ e_j = Σ_b A[j, b] d_b² / ((c_b + λ)² (lo_b + λ)),
 
-a rigorous bound. The examples whose upper bound ``ŝ_j + e_j`` reaches the k-th largest lower bound contain the
-exact top-k; only those candidates are rescored exactly (their rows read from the store, kept in an LRU cache).
-So a new λ costs an ``[N, B]`` product plus a few rows, never a gradient and not a pass over the store; a new
-query costs one pass. If the bounds leave too many candidates (a very coarse binning), the store is streamed
-instead, which is exact too. Eigenvalues ≤ the bottom edge share one bin ``[min Λ, floor]``.
+a rigorous bound (the remainder of each term is ``(Λ − c)² / ((c + λ)² (Λ + λ))``). The examples whose upper
+bound ``ŝ_j + e_j`` reaches the k-th largest lower bound contain the exact top-k; only those candidates are
+rescored exactly (their rows read from the store, kept in an LRU cache). So a new λ costs ``[N, B]`` products plus a
+few rows, never a gradient and not a pass over the store; a new query costs one pass (which also gives the exact
+scores of every example at the current λ). If the bounds leave too many candidates, the store is streamed
+instead, which is exact too. Eigenvalues more than ``decades`` below the largest share the bottom bin.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class ExactQuery:
 
     u: torch.Tensor
     profile_p: torch.Tensor | None = None  # [N, B] float64
+    profile_1: torch.Tensor | None = None  # [N, B] float64: Σ_{i∈b} u_i r_ji (Λ_i − c_b), the first-order term
     profile_a: torch.Tensor | None = None  # [N, B] float64
     passes: int = 0  # streamed passes over the store spent on this query
 
@@ -81,7 +85,7 @@ class ExactScorer:
         ``"ekfac"`` or ``"kfac"`` (same eigenbasis, other eigenvalues).
     num_bins:
         Log-spaced eigenvalue bins of the damping profile (more: tighter bounds, fewer candidates, more memory:
-        16 · num_bins bytes per training example and cached query).
+        24 · num_bins bytes per training example and refined query).
     decades:
         Eigenvalues more than this many decades below the largest share the bottom bin.
     chunk_bytes, row_cache_bytes:
@@ -89,7 +93,7 @@ class ExactScorer:
     """
 
     def __init__(self, store: ExactStore, curvature, *, eigenvalues: str = "ekfac", num_bins: int = 1024,
-                 decades: float = 24.0, chunk_bytes: int = 64 << 20, row_cache_bytes: int = 256 << 20,
+                 decades: float = 20.0, chunk_bytes: int = 64 << 20, row_cache_bytes: int = 256 << 20,
                  max_candidate_share: float = 0.25):
         if list(store.layer_names) != list(curvature.layer_names):
             raise ValueError("the exact store and the curvature have different layers")
@@ -111,8 +115,10 @@ class ExactScorer:
         self.bin_hi = np.full(nb, -np.inf)
         np.minimum.at(self.bin_lo, self._bin, self.lam)
         np.maximum.at(self.bin_hi, self._bin, self.lam)
+        self.bin_mid = 0.5 * (self.bin_lo + self.bin_hi)
         self._bin_t = torch.from_numpy(self._bin.astype(np.int64))
         self._lam_t = torch.from_numpy(self.lam)
+        self._dev_t = torch.from_numpy(self.lam - self.bin_mid[self._bin])  # Λ_i − c_b: the first-order term
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self.counters = {"streamed_passes": 0, "rows_read": 0}
 
@@ -151,17 +157,23 @@ class ExactScorer:
         n, nb = len(self.store), self.num_bins
         out = np.empty(n)
         if want_profile:
-            pp, pa = torch.zeros(n, nb, dtype=torch.float64), torch.zeros(n, nb, dtype=torch.float64)
+            pp, p1, pa = (torch.zeros(n, nb, dtype=torch.float64) for _ in range(3))
+        x = y = None
         for lo, block in self.store.chunks(self.chunk_bytes):
-            x = torch.from_numpy(np.array(block, dtype=np.float64))  # a copy: the memmap is read-only
-            hi = lo + x.shape[0]
+            rows = block.shape[0]
+            if x is None or x.shape[0] != rows:  # buffers reused across chunks (no page faults per chunk)
+                x, y = (torch.empty(rows, block.shape[1], dtype=torch.float64) for _ in range(2))
+            x.copy_(torch.from_numpy(np.asarray(block)))  # a converted copy: the memmap stays read-only
+            hi = lo + rows
             out[lo:hi] = (x @ v).numpy()
             if want_profile:
-                x.mul_(q.u)
+                x.mul_(q.u)  # u_i r_ji
                 pp[lo:hi].index_add_(1, self._bin_t, x)
+                torch.mul(x, self._dev_t, out=y)
+                p1[lo:hi].index_add_(1, self._bin_t, y)
                 pa[lo:hi].index_add_(1, self._bin_t, x.abs_())
         if want_profile:
-            q.profile_p, q.profile_a = pp, pa
+            q.profile_p, q.profile_1, q.profile_a = pp, p1, pa
         q.passes += 1
         self.counters["streamed_passes"] += 1
         return out
@@ -192,15 +204,17 @@ class ExactScorer:
         lam = self._check(damping)
         if q.profile_p is None:
             raise ValueError("this query has no damping profile yet (call scores() or top_k() once)")
-        lo, hi = self.bin_lo + lam, self.bin_hi + lam
+        lo, c = self.bin_lo + lam, self.bin_mid + lam
         if np.any(lo <= 0):
             inf = np.full(len(self.store), np.inf)
             return np.zeros(len(self.store)), inf
-        w = torch.from_numpy(0.5 * (1.0 / lo + 1.0 / hi))
-        h = torch.from_numpy(0.5 * (1.0 / lo - 1.0 / hi))
-        est = (q.profile_p @ w).numpy()
-        # the bins' own rounding (sums of ~P/B products in float64) is far below 1e-12 of the absolute mass
-        err = (q.profile_a @ (h + 1e-12 * w)).numpy()
+        # 1/(Λ+λ) = 1/(c+λ) − (Λ−c)/(c+λ)² + (Λ−c)²/((c+λ)²(Λ+λ)), the last term ≤ d²/((c+λ)²(lo+λ)) in a bin
+        w0, w1 = torch.from_numpy(1.0 / c), torch.from_numpy(-1.0 / c ** 2)
+        d = 0.5 * (self.bin_hi - self.bin_lo)
+        rem = torch.from_numpy(d ** 2 / (c ** 2 * lo))
+        est = (q.profile_p @ w0 + q.profile_1 @ w1).numpy()
+        # rounding of the float64 bin sums is far below 1e-12 of the absolute mass
+        err = (q.profile_a @ (rem + 1e-12 * w0)).numpy()
         return est, err
 
     def top_k(self, q: ExactQuery, damping: float, k: int) -> ExactTopK:
