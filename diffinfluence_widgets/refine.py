@@ -163,7 +163,7 @@ class ExactScorer:
             rows = block.shape[0]
             if x is None or x.shape[0] != rows:  # buffers reused across chunks (no page faults per chunk)
                 x, y = (torch.empty(rows, block.shape[1], dtype=torch.float64) for _ in range(2))
-            x.copy_(torch.from_numpy(np.asarray(block)))  # a converted copy: the memmap stays read-only
+            np.copyto(x.numpy(), block, casting="same_kind")  # a converted copy: the memmap stays read-only
             hi = lo + rows
             out[lo:hi] = (x @ v).numpy()
             if want_profile:
@@ -226,22 +226,27 @@ class ExactScorer:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if q.profile_p is None:
             s = self.scores(q, lam)
-            return self._from_scores(np.arange(n), s, k, lam, n, True)
+            return self._from_scores(q, np.arange(n), s, k, lam, n, True)
         est, err = self.bounds(q, lam)
         lower, upper = est - err, est + err
         if not np.all(np.isfinite(err)):
-            return self._from_scores(np.arange(n), self.scores(q, lam), k, lam, n, True)
+            return self._from_scores(q, np.arange(n), self.scores(q, lam), k, lam, n, True)
         t_pro = np.partition(lower, n - k)[n - k]  # k-th largest lower bound
         t_opp = np.partition(upper, k - 1)[k - 1]  # k-th smallest upper bound
         cand = np.flatnonzero((upper >= t_pro) | (lower <= t_opp))
         if len(cand) > self.max_candidates:
-            return self._from_scores(np.arange(n), self.scores(q, lam), k, lam, n, True)
+            return self._from_scores(q, np.arange(n), self.scores(q, lam), k, lam, n, True)
         s = self.scores_at(q, lam, cand)
-        return self._from_scores(cand, s, k, lam, len(cand), False)
+        return self._from_scores(q, cand, s, k, lam, len(cand), False)
 
-    def _from_scores(self, pos: np.ndarray, s: np.ndarray, k: int, lam: float, cands: int,
+    def _from_scores(self, q: ExactQuery, pos: np.ndarray, s: np.ndarray, k: int, lam: float, cands: int,
                      streamed: bool) -> ExactTopK:
         order = np.lexsort((pos, -s))  # descending score, ties by store position
         rev = np.lexsort((pos, s))
-        top, bot = order[:k], rev[:k]
-        return ExactTopK(pos[top], s[top], pos[bot], s[bot], lam, int(cands), bool(streamed))
+        top, bot = pos[order[:k]], pos[rev[:k]]
+        if streamed:  # the listed scores always come from scores_at, so every route gives identical bits
+            both = self.scores_at(q, lam, np.concatenate([top, bot]))
+            st, sb = both[:k], both[k:]
+        else:
+            st, sb = s[order[:k]], s[rev[:k]]
+        return ExactTopK(top, st, bot, sb, lam, int(cands), bool(streamed))

@@ -94,6 +94,11 @@ class InfluenceResult:
     proponents: list[Influence]
     opponents: list[Influence]
     exact: bool = False
+    #: what an exact answer ranked: every training image (``"all"``) or the index's candidates (``"candidates"``)
+    exact_over: str = ""
+    #: for an approximate answer: the mean overlap of earlier approximate answers with their refined ones
+    #: (this session, this method), or None before the first refinement
+    est_recall: float | None = None
     elapsed_s: float = 0.0
     #: scores of every training example in ``train_ids`` order, when the session asked for them
     all_scores: np.ndarray | None = field(default=None, repr=False)
@@ -106,6 +111,13 @@ class InfluenceResult:
     def settings(self) -> dict[str, Any]:
         return {"query_id": self.query_id, "measurement": self.measurement, "method": self.method,
                 "band": list(self.band) if self.band else None, "damping": self.damping, "k": self.k}
+
+    @property
+    def badge(self) -> str:
+        """``"exact ✓"`` or ``"approximate (est. recall …)"``: what the gallery marks the answer as."""
+        if self.exact:
+            return "exact ✓" if self.exact_over != "candidates" else "exact ✓ (over the index's candidates)"
+        return "approximate" + (f" (est. recall {self.est_recall:.2f})" if self.est_recall is not None else "")
 
     def records(self) -> list[dict[str, Any]]:
         """One row per listed training image (proponents first), with the settings repeated."""
@@ -326,11 +338,15 @@ class AttributionSession(traitlets.HasTraits):
     queries = traitlets.List(read_only=True)
     #: id of the latest request for the main result (a front end can tag its own events with it)
     request_id = traitlets.Int(0, read_only=True)
+    #: True while the refined (exact) answer for the shown approximate one is being computed
+    refining = traitlets.Bool(False, read_only=True)
+    #: the last :meth:`check_exact` report (empty before the first check)
+    check = traitlets.Dict(read_only=True)
 
     def __init__(self, backend: InfluenceBackend, *, threaded: bool = True, full_scores: bool = True,
                  query_id: int | None = None, measurement: str | None = None, method: str | None = None,
                  damping: float | None = None, band: tuple[int, int] | None = None, k: int = 10,
-                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096):
+                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096, refine: bool = True):
         for attr in ("train_ids", "measurements", "methods", "search", "prepare", "scores"):
             if not hasattr(backend, attr):
                 raise TypeError(f"backend {type(backend).__name__} lacks {attr!r}: it must implement "
@@ -348,7 +364,11 @@ class AttributionSession(traitlets.HasTraits):
         self._map: np.ndarray | None = None
         self._train_pos: dict[int, int] | None = None
         self._suspend = 0
-        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0}
+        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0, "refine_calls": 0,
+                      "refine_stale": 0}
+        #: show a refined (exact) answer after each approximate one, when the backend has ``refine``
+        self.refine = bool(refine) and callable(getattr(backend, "refine", None))
+        self._overlaps: dict[str, list[float]] = {}  # method -> overlaps of approximate vs refined answers
 
         qs = list(backend.queries())
         self.set_trait("queries", qs)
@@ -503,8 +523,53 @@ class AttributionSession(traitlets.HasTraits):
         return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
                                method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
                                proponents=pro, opponents=opp, exact=bool(r.exact),
+                               exact_over=str(getattr(r, "exact_over", "") or ("candidates" if r.exact else "")),
+                               est_recall=None if r.exact else self._est_recall(s["method"]),
                                elapsed_s=time.perf_counter() - t0, all_scores=all_scores,
                                train_ids=np.asarray(self.backend.train_ids))
+
+    def _est_recall(self, method: str) -> float | None:
+        with self._lock:
+            seen = self._overlaps.get(method)
+            return float(np.mean(seen)) if seen else None
+
+    def compute_refined(self, request_id: int = 0, **settings) -> InfluenceResult:
+        """The refined answer (``backend.refine``: the method's exact top-k) for the current settings (overridden
+        by ``settings``), computed now on this thread. Scores of all examples are not fetched again."""
+        if not callable(getattr(self.backend, "refine", None)):
+            raise TypeError(f"backend {type(self.backend).__name__} has no refine(): no exact answers")
+        s = {**self.settings, **settings}
+        if s["query_id"] is None:
+            raise ValueError("no query selected (the backend listed no queries; generate one first)")
+        t0 = time.perf_counter()
+        p = self.prepared(s["query_id"], s["measurement"], s["method"], s["band"])
+        self.stats["refine_calls"] += 1
+        r: SearchResult = self.backend.refine(p, float(s["damping"]), int(s["k"]))
+        pro = [Influence(int(i), float(v), n + 1, "proponent")
+               for n, (i, v) in enumerate(zip(np.asarray(r.proponent_ids), np.asarray(r.proponent_scores)))]
+        opp = [Influence(int(i), float(v), n + 1, "opponent")
+               for n, (i, v) in enumerate(zip(np.asarray(r.opponent_ids), np.asarray(r.opponent_scores)))]
+        return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
+                               method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
+                               proponents=pro, opponents=opp, exact=bool(r.exact),
+                               exact_over=str(getattr(r, "exact_over", "")),
+                               elapsed_s=time.perf_counter() - t0, train_ids=np.asarray(self.backend.train_ids))
+
+    def check_exact(self) -> dict[str, Any]:
+        """Check the shown top-k against the method's exact top-k at the same settings (blocking): the overlap per
+        side. Also sets :attr:`check`."""
+        r = self._need_result()
+        ex = self.compute_refined(query_id=r.query_id, measurement=r.measurement, method=r.method, band=r.band,
+                                  damping=r.damping, k=r.k)
+        out: dict[str, Any] = {"settings": r.settings, "shown_exact": r.exact, "exact_over": ex.exact_over,
+                               "k": r.k}
+        for side in ("proponents", "opponents"):
+            shown = [i.id for i in getattr(r, side)]
+            exact = [i.id for i in getattr(ex, side)]
+            out[side] = {"overlap": len(set(shown) & set(exact)), "of": len(exact),
+                         "identical": shown == exact, "missing": [i for i in exact if i not in shown]}
+        self.set_trait("check", out)
+        return out
 
     def refresh(self) -> int:
         """Schedule the result for the current settings; returns its request id."""
@@ -528,7 +593,8 @@ class AttributionSession(traitlets.HasTraits):
 
         self.set_trait("busy", True)
         rid = box["rid"] = self._worker.submit("result", fn, done)
-        self.set_trait("request_id", rid)
+        if rid > self.request_id:  # (an inline refinement may already have shown a later request id)
+            self.set_trait("request_id", rid)
         return rid
 
     def _finish(self, rid: int, out: InfluenceResult | None, err: BaseException | None) -> None:
@@ -542,6 +608,42 @@ class AttributionSession(traitlets.HasTraits):
         if self._worker.is_latest("result", rid):
             self.set_trait("progress", "")
             self.set_trait("busy", False)
+            if err is None and self.refine and not out.exact:
+                self._schedule_refine(rid, out)
+
+    def _schedule_refine(self, parent: int, raw: InfluenceResult) -> None:
+        """Second stage: compute the exact answer for ``raw``'s settings; show it only if nothing changed since."""
+        settings = {"query_id": raw.query_id, "measurement": raw.measurement, "method": raw.method,
+                    "band": raw.band, "damping": raw.damping, "k": raw.k}
+
+        def fn():
+            if not self._worker.is_latest("result", parent) or self.settings != settings:
+                return None  # already stale: skip the work
+            return self.compute_refined(**settings)
+
+        def done(rid, out, err):
+            stale = out is None or not self._worker.is_latest("result", parent) or self.settings != settings
+            if err is not None:
+                if not stale:
+                    self.set_trait("error", f"refining failed: {type(err).__name__}: {err}")
+            elif stale:  # a newer request exists: this answer belongs to settings no longer shown
+                self.stats["refine_stale"] += 1
+            else:
+                pro = {i.id for i in raw.proponents} | {-1 - i.id for i in raw.opponents}
+                ex = {i.id for i in out.proponents} | {-1 - i.id for i in out.opponents}
+                with self._lock:
+                    seen = self._overlaps.setdefault(raw.method, [])
+                    seen.append(len(pro & ex) / max(len(ex), 1))
+                    del seen[:-50]
+                out.request_id = rid
+                out.all_scores, out.requested_at, out.finished_at = raw.all_scores, raw.requested_at, time.time()
+                self.set_trait("request_id", rid)
+                self.set_trait("result", out)
+            if self._worker.is_latest("refine", rid):
+                self.set_trait("refining", False)
+
+        self.set_trait("refining", True)
+        self._worker.submit("refine", fn, done)
 
     def run_async(self, channel: str, fn: Callable[[], Any],
                   on_done: Callable[[Any], None], on_error: Callable[[BaseException], None] | None = None) -> int:

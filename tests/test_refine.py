@@ -158,3 +158,79 @@ def _rotated_basis(curv):
     q = curv.q_a[n].clone()
     q[:, [0, 1]] = q[:, [1, 0]]
     return dataclasses.replace(curv, q_a={**curv.q_a, n: q})
+
+
+# ------------------------------------------------------------------------------------------------ the session
+def test_session_shows_the_approximate_answer_then_the_exact_one(setup):
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    s = AttributionSession(b, threaded=False, full_scores=False, method="ekfac", query_id=int(held.ids[0]), k=4)
+    seen = []
+    s.observe(lambda ch: seen.append(ch["new"]), "result")
+    s.damping = 1e-4
+    assert [r.exact for r in seen] == [False, True]
+    raw, fine = seen
+    assert raw.badge == "approximate (est. recall %.2f)" % raw.est_recall or raw.est_recall is None
+    assert fine.badge == "exact ✓" and fine.exact_over == "all"
+    ref = b.refine(b.prepare(int(held.ids[0]), "loss", "ekfac"), 1e-4, 4)
+    assert [i.id for i in fine.proponents] == list(ref.proponent_ids)
+    assert [i.score for i in fine.opponents] == list(ref.opponent_scores)
+    assert fine.request_id > raw.request_id == seen[0].request_id and s.request_id == fine.request_id
+    # after one refinement the approximate answers carry an estimated recall (overlap seen so far)
+    s.damping = 1e-6
+    assert seen[-2].est_recall is not None and 0.0 <= seen[-2].est_recall <= 1.0
+    assert seen[-2].badge.startswith("approximate (est. recall ")
+    # the explorer's check: the shown (exact) top-k equals the exact one
+    rep = s.check_exact()
+    assert rep["proponents"]["identical"] and rep["opponents"]["overlap"] == 4 and s.check == rep
+
+
+def test_check_reports_the_overlap_of_an_approximate_answer(setup):
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    s = AttributionSession(b, threaded=False, full_scores=False, method="kfac", query_id=int(held.ids[1]), k=6,
+                           refine=False, damping=1e-8)
+    r = s.result
+    assert not r.exact
+    rep = s.check_exact()
+    ex = b.refine(b.prepare(int(held.ids[1]), "loss", "kfac"), 1e-8, 6)
+    for side, ids in (("proponents", ex.proponent_ids), ("opponents", ex.opponent_ids)):
+        shown = [i.id for i in getattr(r, side)]
+        assert rep[side]["overlap"] == len(set(shown) & set(map(int, ids)))
+        assert rep[side]["missing"] == [int(i) for i in ids if int(i) not in shown]
+
+
+def test_session_never_shows_a_refined_answer_for_stale_settings(setup):
+    import threading
+    import time
+
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    gate = threading.Event()
+
+    class SlowRefine:  # the real backend, with a refine that waits until the test lets it finish
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+        def refine(self, prepared, damping, k):
+            gate.wait(10)
+            return b.refine(prepared, damping, k)
+
+    s = AttributionSession(SlowRefine(), threaded=True, full_scores=False, method="ekfac",
+                           query_id=int(held.ids[0]), k=3, damping=1e-2)
+    seen = []
+    s.observe(lambda ch: seen.append(ch["new"]), "result")
+    t0 = time.time()
+    while not s.refining and time.time() - t0 < 30:  # the first refinement is under way (held at the gate)
+        time.sleep(0.01)
+    s.damping = 1e-6  # the user moves on while the λ = 1e-2 answer is being refined
+    gate.set()
+    s.wait(60)
+    shown_after = [r for r in seen if r.finished_at >= 0]
+    assert all(not (r.exact and r.damping == 1e-2) for r in shown_after), "a stale refined answer was shown"
+    assert s.result.exact and s.result.damping == 1e-6
+    assert s.stats["refine_stale"] >= 1
+    s.close()
