@@ -234,3 +234,35 @@ def test_session_never_shows_a_refined_answer_for_stale_settings(setup):
     assert s.result.exact and s.result.damping == 1e-6
     assert s.stats["refine_stale"] >= 1
     s.close()
+
+
+def test_tiny_demo_refined_answers_are_exact(tmp_path, monkeypatch):
+    """The trained tiny demo (its model, curvature, draws): refined = exact full-gradient scores."""
+    import diffinfluence_widgets.influence.gradients as grads
+    from diffinfluence_widgets.demo import build_demo, demo_config
+    from diffinfluence_widgets.index import IndexBackend
+
+    art = build_demo("tiny", tmp_path / "tiny", threads=1, progress=False, until="curvature")
+    cfg = demo_config("tiny")
+    model, train, held, curv = art.model, art.train, art.heldout, art.curvature
+    b = IndexBackend.build(model, train, held, curv, tmp_path / "index", k=cfg.k, num_draws=cfg.store_draws,
+                           query_num_draws=cfg.query_draws, num_generated=0, progress=False,
+                           methods=("ekfac", "kfac"), measurements=["loss", "elbo_simplified"],
+                           query_dtype=torch.float64, exact_dtype="float64")
+    k = 10
+    for measurement, method, qpos in (("loss", "ekfac", 0), ("elbo_simplified", "kfac", 1)):
+        ref = _reference(model, curv, held, train, b, qpos, measurement, method)
+        p = b.prepare(int(held.ids[qpos]), measurement, method)
+        pb = b.prepare(int(held.ids[qpos]), measurement, method, band=b.bands[0])
+        b.refine(p, 3e-3, k)  # the query's first refinement (one pass over the exact store)
+        b.refine(pb, 3e-3, k)
+        calls = []
+        real = grads.per_example_gradients
+        monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        for i, lam in enumerate(DAMPINGS):
+            r = b.refine(p, lam, k)
+            assert not r.stats["streamed"] and r.stats["candidates"] < len(b.train_ids)
+            _check(r, ref[i].matrix[0].numpy(), b.train_ids, k)
+            _check(b.refine(pb, lam, k), ref[i].band_matrix[0, 0].numpy(), b.train_ids, k)
+        assert calls == []
+        monkeypatch.setattr(grads, "per_example_gradients", real)
