@@ -146,7 +146,7 @@ def spectrum_features(n: int, k: int, seed: int = 0, clusters: int = 2000, rank:
     return out
 
 
-def bench_scale(n: int, k: int, repeats: int) -> dict:
+def bench_scale(n: int, k: int, repeats: int, nprobe: int = 32) -> dict:
     """Damping change → refreshed top-20 (both sides) on a synthetic store of N examples with a decaying spectrum:
     IVF against the exact flat search in the same projected space (recall@20), memory and disk per example."""
     from diffinfluence_widgets.diffusion.model import DiffusionModel, demo_unet_config
@@ -168,7 +168,7 @@ def bench_scale(n: int, k: int, repeats: int) -> dict:
     out = {"N": n, "k": k, "generation_s": t_gen, "store_bytes_per_example": 4 * k + 8}
     flat = FeatureIndex(feats, ids, kind="flat")
     t0 = time.perf_counter()
-    ivf = FeatureIndex(feats, ids, kind="ivf")
+    ivf = FeatureIndex(feats, ids, kind="ivf", nprobe=nprobe)
     out["ivf_build_s"] = time.perf_counter() - t0
     out["ivf_nlist"], out["ivf_nprobe"] = int(ivf.index.nlist), int(ivf.index.nprobe)
     del feats  # FAISS holds its own copies: flat (reference) and IVF
@@ -406,12 +406,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--scale", default=None, help="only the scale rows: comma-separated N (e.g. 100000,1000000), "
                     "synthetic stores with a decaying spectrum at --scale-k")
     ap.add_argument("--scale-k", type=int, default=512)
+    ap.add_argument("--scale-nprobe", type=int, default=96, help="IVF cells searched per query in the scale rows")
     args = ap.parse_args(argv)
     _threads(args.threads)
     if args.scale:
         rows = []
         for n in [int(x) for x in args.scale.split(",")]:
-            r = bench_scale(n, args.scale_k, args.repeats)
+            r = bench_scale(n, args.scale_k, args.repeats, args.scale_nprobe)
             print(json.dumps(r), flush=True)
             rows.append(r)
         print("| N | k | median ms | p95 ms | recall@20 vs flat (mean / min) | IVF nlist / nprobe | IVF build s | "
