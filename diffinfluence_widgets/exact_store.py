@@ -91,7 +91,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _settings_digest(head: Mapping) -> str:
-    return hashlib.sha256(_json({k: head[k] for k in ("settings", "ids_sha256", "shard_size")}).encode()).hexdigest()[:16]
+    key = {k: head[k] for k in ("settings", "ids_sha256", "shard_size")}
+    return hashlib.sha256(_json(key).encode()).hexdigest()[:16]
 
 
 def _layout(curvature) -> tuple[list[str], dict[str, list[int]], dict[str, int]]:

@@ -657,6 +657,11 @@ class IndexBackend:
     parameter-space array ``R g`` instead of the whitened one; default ``"auto"`` = the mean (E)K-FAC eigenvalue τ.
     The whitened array is accurate at small λ and noisy at large λ, the plain one the other way round; on the
     demo, recall@10 against exact scores was 0.65 vs 0.05 at λ = 1e-8 and 0.30 vs 0.80 at λ = 1, crossing near τ).
+    ``exact_store`` (``"auto"``: when ``N × P × 4`` bytes ≤ ``exact_max_bytes``, default 4 GiB; ``True`` / ``False``)
+    keeps every training gradient rotated into the eigenbasis on disk (:mod:`.exact_store`, ``exact_dtype``
+    float32 or float64) so that :meth:`refine` is exact over all training images at any λ (``refine_bins``
+    eigenvalue bins of the damping profile, :mod:`.refine`); the opened store is then the attribute
+    ``exact_store`` (``None`` otherwise).
 
     Sign convention: a **positive** score means removing the training example is predicted to **increase** the
     query's measurement (for the loss: a proponent).

@@ -314,6 +314,9 @@ class AttributionSession(traitlets.HasTraits):
         Run backend work on a worker thread (default; what widgets need). ``False`` runs it inline.
     full_scores:
         Also fetch the scores of every training example with each result (for the score distribution).
+    refine:
+        After each approximate answer, compute the refined one (``backend.refine``: the method's exact top-k) and
+        show it, unless the settings changed meanwhile (default, when the backend has ``refine``).
     query_id, measurement, method, damping, band, k:
         Initial settings; defaults are the first query, the backend's first measurement and method (the backend
         lists its recommended ones first) and that method's default damping.
