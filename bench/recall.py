@@ -66,7 +66,7 @@ def main() -> None:
     sc0 = next(iter(b._exact.values()))
     print(f"exact store: {st.bytes_per_example} B per training image on disk ({st.settings['dtype']}), "
           f"{len(st) * st.bytes_per_example / 2**20:.0f} MiB in all; damping profile: {sc0.num_bins} bins, "
-          f"{16 * sc0.num_bins} B per training image and refined query in memory")
+          f"{24 * sc0.num_bins} B per training image and refined query in memory")
     methods = [m for m in args.methods.split(",") if m in b.methods]
     logs = [math.log10(b.default_damping[m]) for m in b.methods]
     decades = list(range(math.floor(min(logs)) - DECADES_BELOW, math.ceil(max(logs)) + DECADES_ABOVE + 1))

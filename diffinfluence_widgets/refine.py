@@ -23,6 +23,7 @@ instead, which is exact too. Eigenvalues more than ``decades`` below the largest
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -121,6 +122,7 @@ class ExactScorer:
         self._dev_t = torch.from_numpy(self.lam - self.bin_mid[self._bin])  # Λ_i − c_b: the first-order term
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self.counters = {"streamed_passes": 0, "rows_read": 0}
+        self._lock = threading.RLock()  # the row cache and a query's profile are shared by the session's threads
 
     @property
     def num_bins(self) -> int:
@@ -219,6 +221,10 @@ class ExactScorer:
 
     def top_k(self, q: ExactQuery, damping: float, k: int) -> ExactTopK:
         """Exact top-k proponents (largest scores) and opponents (smallest) over the whole store at λ."""
+        with self._lock:
+            return self._top_k(q, damping, k)
+
+    def _top_k(self, q: ExactQuery, damping: float, k: int) -> ExactTopK:
         lam = self._check(damping)
         n = len(self.store)
         k = min(int(k), n)

@@ -526,7 +526,7 @@ class AttributionSession(traitlets.HasTraits):
         return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
                                method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
                                proponents=pro, opponents=opp, exact=bool(r.exact),
-                               exact_over=str(getattr(r, "exact_over", "") or ("candidates" if r.exact else "")),
+                               exact_over=str(getattr(r, "exact_over", "")),
                                est_recall=None if r.exact else self._est_recall(s["method"]),
                                elapsed_s=time.perf_counter() - t0, all_scores=all_scores,
                                train_ids=np.asarray(self.backend.train_ids))
