@@ -50,7 +50,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     from diffinfluence_widgets.demo import default_cache_dir, load_or_build_demo
     from diffinfluence_widgets.influence.gradients import per_example_gradients
-    from diffinfluence_widgets.refine import flat_eigenvalues
+    from diffinfluence_widgets.index.refine import flat_eigenvalues
     from diffinfluence_widgets.widgets.controls import DECADES_ABOVE, DECADES_BELOW
 
     if args.cache:

@@ -122,7 +122,7 @@ def test_pool_refinement_without_exact_store_computes_no_gradient_on_damping_cha
 
 def test_exact_store_refuses_other_model_curvature_and_resumes(setup, tmp_path):
     from diffinfluence_widgets.diffusion.model import DiffusionModel, tiny_unet_config
-    from diffinfluence_widgets.exact_store import (ExactStore, ExactStoreCorruptError, ExactStoreMismatchError,
+    from diffinfluence_widgets.store.exact import (ExactStore, ExactStoreCorruptError, ExactStoreMismatchError,
                                                    build_exact_store)
 
     model, train, held, curv, b = setup

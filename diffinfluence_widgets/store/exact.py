@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ._io import atomic_write_bytes, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
            "build_exact_store", "curvature_basis_fingerprint", "EXACT_STORE_FORMAT"]

@@ -1,4 +1,4 @@
-"""Exact top-k of the K-FAC family at any damping, from the exact store (:mod:`.exact_store`), without a gradient.
+"""Exact top-k of the K-FAC family at any damping, from the exact store (:mod:`diffinfluence_widgets.store.exact`), without a gradient.
 
 With ``u = Qᵀ g_q`` (the query rotated into the eigenbasis, flattened over layers) and ``r_j = Qᵀ g_j`` (row j
 of the exact store), the exact score at damping λ is ``s_j(λ) = Σ_i u_i r_ji / (Λ_i + λ)``.
@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .exact_store import ExactStore
+from ..store.exact import ExactStore
 
 __all__ = ["ExactScorer", "ExactQuery", "ExactTopK", "flat_eigenvalues"]
 
