@@ -36,7 +36,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
 from .._io import atomic_write_bytes, atomic_write_text
+from ..influence.gradients import per_example_gradients
 
 __all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
            "build_exact_store", "curvature_basis_fingerprint", "EXACT_STORE_FORMAT"]
@@ -245,8 +248,6 @@ def build_exact_store(path: str | Path, model, dataset, curvature, *, num_draws:
     training gradients (e.g. a benchmark accumulating reference scores in the same pass). A folder holding a
     store with other settings is refused unless ``overwrite=True``.
     """
-    from .influence.gradients import per_example_gradients
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if isinstance(shard_size, bool) or int(shard_size) < 1:
@@ -299,7 +300,6 @@ def build_exact_store(path: str | Path, model, dataset, curvature, *, num_draws:
     digest = _settings_digest(head)
     np_dtype = _DTYPES[dtype]
     todo = [s for s in range(num_shards) if not _shard_done(root, s, digest)]
-    from tqdm.auto import tqdm
     bar = tqdm(total=n, desc=f"exact store {root.name}", unit="img", disable=not progress)
     bar.update(n - sum(min(n, (s + 1) * shard_size) - s * shard_size for s in todo))
     images, tids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)
