@@ -79,13 +79,16 @@ class RefiningMixin:
             return self.compute_refined(**settings)
 
         def done(rid, out, err):
-            stale = out is None or not self._worker.is_latest("result", parent) or self.settings != settings
+            last = self._worker.is_latest("refine", rid)
+            stale = not self._worker.is_latest("result", parent) or self.settings != settings
             if err is not None:
                 if not stale:
                     self.set_trait("error", f"refining failed: {type(err).__name__}: {err}")
-            elif stale:  # a newer request exists: this answer belongs to settings no longer shown
+            elif out is None or stale:  # a newer request exists: this answer belongs to settings no longer shown
                 self.stats["refine_stale"] += 1
             else:
+                if last:  # said before the refined answer is shown, so observers see the final state with it
+                    self.set_trait("refining", False)
                 pro = {i.id for i in raw.proponents} | {-1 - i.id for i in raw.opponents}
                 ex = {i.id for i in out.proponents} | {-1 - i.id for i in out.opponents}
                 with self._lock:
@@ -96,7 +99,7 @@ class RefiningMixin:
                 out.all_scores, out.requested_at, out.finished_at = raw.all_scores, raw.requested_at, time.time()
                 self.set_trait("request_id", rid)
                 self.set_trait("result", out)
-            if self._worker.is_latest("refine", rid):
+            if last:
                 self.set_trait("refining", False)
 
         self.set_trait("refining", True)

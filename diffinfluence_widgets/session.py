@@ -301,6 +301,9 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
 
     def _finish(self, rid: int, out: InfluenceResult | None, err: BaseException | None) -> None:
         # the worker only calls this while ``rid`` is the latest "result" request; a newer one may start now
+        will_refine = err is None and self.refine and not out.exact and self._worker.is_latest("result", rid)
+        if will_refine:  # said before the approximate answer is shown: its refinement follows
+            self.set_trait("refining", True)
         if err is not None:
             self.set_trait("error", f"{type(err).__name__}: {err}")
         else:
@@ -310,7 +313,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         if self._worker.is_latest("result", rid):
             self.set_trait("progress", "")
             self.set_trait("busy", False)
-            if err is None and self.refine and not out.exact:
+            if will_refine:
                 self._schedule_refine(rid, out)
 
     def run_async(self, channel: str, fn: Callable[[], Any],

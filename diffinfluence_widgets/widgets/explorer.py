@@ -120,7 +120,7 @@ class InfluenceExplorer(W.VBox):
                 "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
                 "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
                 "page": self.gallery.page, "elapsed_ms": round(r.elapsed_s * 1000, 3),
-                "exact": r.exact, "exact_over": r.exact_over, "badge": r.badge,
+                "exact": r.exact, "exact_over": r.exact_over, "badge": r.badge, "refining": self.session.refining,
                 "requested_at": r.requested_at, "finished_at": r.finished_at, "status_at": time.time()}
         if self.check_backend:
             b = self.session.backend

@@ -28,6 +28,7 @@ def wait_settled(page, after: int, timeout=60_000) -> dict:
           if (!g || !st || g.dataset.state !== 'ready') return false;
           const rid = Number(g.dataset.renderedRequest);
           if (!(rid > after) || String(rid) !== g.dataset.requestId || Number(st.dataset.request) !== rid) return false;
+          if (st.dataset.json && JSON.parse(st.dataset.json).refining) return false;  // its exact answer follows
           const imgs = [...g.querySelectorAll('.dinf-gallery-body img.dinf-thumb')];
           return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
         }""", arg=[H.GALLERY, after], timeout=timeout)
