@@ -46,6 +46,11 @@ class InfluenceResult:
     proponents: list[Influence]
     opponents: list[Influence]
     exact: bool = False
+    #: what an exact answer ranked: every training image (``"all"``) or the index's candidates (``"candidates"``)
+    exact_over: str = ""
+    #: for an approximate answer: the mean overlap of earlier approximate answers with their refined ones
+    #: (this session, this method), or None before the first refinement
+    est_recall: float | None = None
     elapsed_s: float = 0.0
     #: scores of every training example in ``train_ids`` order, when the session asked for them
     all_scores: np.ndarray | None = field(default=None, repr=False)
@@ -58,6 +63,13 @@ class InfluenceResult:
     def settings(self) -> dict[str, Any]:
         return {"query_id": self.query_id, "measurement": self.measurement, "method": self.method,
                 "band": list(self.band) if self.band else None, "damping": self.damping, "k": self.k}
+
+    @property
+    def badge(self) -> str:
+        """``"exact ✓"`` or ``"approximate (est. recall …)"``: what the gallery marks the answer as."""
+        if self.exact:
+            return "exact ✓" if self.exact_over != "candidates" else "exact ✓ (over the index's candidates)"
+        return "approximate" + (f" (est. recall {self.est_recall:.2f})" if self.est_recall is not None else "")
 
     def records(self) -> list[dict[str, Any]]:
         """One row per listed training image (proponents first), with the settings repeated."""

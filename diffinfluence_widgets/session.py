@@ -34,6 +34,7 @@ from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem
 from .config import check_damping
 from .data.images import to_png
 from .report import html_card, png_card
+from .refining import RefiningMixin
 from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
@@ -51,7 +52,7 @@ def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AttributionSession(traitlets.HasTraits):
+class AttributionSession(RefiningMixin, traitlets.HasTraits):
     """Current query and settings → top-k proponents / opponents, observable through traitlets.
 
     Parameters
@@ -62,6 +63,9 @@ class AttributionSession(traitlets.HasTraits):
         Run backend work on a worker thread (default; what widgets need). ``False`` runs it inline.
     full_scores:
         Also fetch the scores of every training example with each result (for the score distribution).
+    refine:
+        After each approximate answer, compute the refined one (``backend.refine``: the method's exact top-k) and
+        show it, unless the settings changed meanwhile (default, when the backend has ``refine``).
     query_id, measurement, method, damping, band, k:
         Initial settings; defaults are the first query, the backend's first measurement and method (the backend
         lists its recommended ones first) and that method's default damping.
@@ -86,11 +90,15 @@ class AttributionSession(traitlets.HasTraits):
     queries = traitlets.List(read_only=True)
     #: id of the latest request for the main result (a front end can tag its own events with it)
     request_id = traitlets.Int(0, read_only=True)
+    #: True while the refined (exact) answer for the shown approximate one is being computed
+    refining = traitlets.Bool(False, read_only=True)
+    #: the last :meth:`check_exact` report (empty before the first check)
+    check = traitlets.Dict(read_only=True)
 
     def __init__(self, backend: InfluenceBackend, *, threaded: bool = True, full_scores: bool = True,
                  query_id: int | None = None, measurement: str | None = None, method: str | None = None,
                  damping: float | None = None, band: tuple[int, int] | None = None, k: int = 10,
-                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096):
+                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096, refine: bool = True):
         for attr in ("train_ids", "measurements", "methods", "search", "prepare", "scores"):
             if not hasattr(backend, attr):
                 raise TypeError(f"backend {type(backend).__name__} lacks {attr!r}: it must implement "
@@ -108,7 +116,11 @@ class AttributionSession(traitlets.HasTraits):
         self._map: np.ndarray | None = None
         self._train_pos: dict[int, int] | None = None
         self._suspend = 0
-        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0}
+        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0, "refine_calls": 0,
+                      "refine_stale": 0}
+        #: show a refined (exact) answer after each approximate one, when the backend has ``refine``
+        self.refine = bool(refine) and callable(getattr(backend, "refine", None))
+        self._overlaps: dict[str, list[float]] = {}  # method -> overlaps of approximate vs refined answers
 
         qs = list(backend.queries())
         self.set_trait("queries", qs)
@@ -263,6 +275,8 @@ class AttributionSession(traitlets.HasTraits):
         return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
                                method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
                                proponents=pro, opponents=opp, exact=bool(r.exact),
+                               exact_over=str(getattr(r, "exact_over", "")),
+                               est_recall=None if r.exact else self._est_recall(s["method"]),
                                elapsed_s=time.perf_counter() - t0, all_scores=all_scores,
                                train_ids=np.asarray(self.backend.train_ids))
 
@@ -288,11 +302,15 @@ class AttributionSession(traitlets.HasTraits):
 
         self.set_trait("busy", True)
         rid = box["rid"] = self._worker.submit("result", fn, done)
-        self.set_trait("request_id", rid)
+        if rid > self.request_id:  # (an inline refinement may already have shown a later request id)
+            self.set_trait("request_id", rid)
         return rid
 
     def _finish(self, rid: int, out: InfluenceResult | None, err: BaseException | None) -> None:
         # the worker only calls this while ``rid`` is the latest "result" request; a newer one may start now
+        will_refine = err is None and self.refine and not out.exact and self._worker.is_latest("result", rid)
+        if will_refine:  # said before the approximate answer is shown: its refinement follows
+            self.set_trait("refining", True)
         if err is not None:
             self.set_trait("error", f"{type(err).__name__}: {err}")
         else:
@@ -302,6 +320,8 @@ class AttributionSession(traitlets.HasTraits):
         if self._worker.is_latest("result", rid):
             self.set_trait("progress", "")
             self.set_trait("busy", False)
+            if will_refine:
+                self._schedule_refine(rid, out)
 
     def run_async(self, channel: str, fn: Callable[[], Any],
                   on_done: Callable[[Any], None], on_error: Callable[[BaseException], None] | None = None) -> int:

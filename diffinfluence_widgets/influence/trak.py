@@ -105,4 +105,8 @@ class TRAKScorer:
 
     def scores(self, rotated: np.ndarray, damping: float) -> np.ndarray:
         """``[..., N]`` scores of every training example (float64)."""
-        return self.query_feature(rotated, damping) @ self.features.astype(np.float64).T
+        q = self.query_feature(rotated, damping)
+        out = np.empty((*q.shape[:-1], self.features.shape[0]))
+        for a in range(0, self.features.shape[0], 8192):  # float64 a block at a time, never the whole store
+            out[..., a:a + 8192] = q @ self.features[a:a + 8192].astype(np.float64).T
+        return out

@@ -44,6 +44,8 @@ class InfluenceGallery(anywidget.AnyWidget):
     #: bumped after every content change; the front end redraws on it
     version = traitlets.Int(0).tag(sync=True)
     caption = traitlets.Unicode("").tag(sync=True)
+    #: "exact ✓" / "approximate (est. recall …)" (+ " · refining…" while the exact answer is computed)
+    badge = traitlets.Unicode("").tag(sync=True)
     sign_text = traitlets.Unicode(SIGN_TEXT).tag(sync=True)
     busy = traitlets.Bool(False).tag(sync=True)
     progress = traitlets.Unicode("").tag(sync=True)
@@ -61,7 +63,7 @@ class InfluenceGallery(anywidget.AnyWidget):
         self._thumb_source = session
         if session is not None:
             session.observe(self._on_result, "result")
-            session.observe(self._on_status, ["busy", "error", "progress"])
+            session.observe(self._on_status, ["busy", "error", "progress", "refining"])
             self._on_status()
             if session.result is not None:
                 self.show(session.result)
@@ -76,6 +78,7 @@ class InfluenceGallery(anywidget.AnyWidget):
             self.busy = s.busy
             self.progress = s.progress
             self.error = s.error
+            self.badge = _badge(self._result, s)
 
     def show(self, result: InfluenceResult | None, session: AttributionSession | None = None,
              keep_page: bool = False) -> None:
@@ -115,6 +118,7 @@ class InfluenceGallery(anywidget.AnyWidget):
             self.num_pages = pages
             self.page = max(page, 0)
             self.caption = "" if r is None else _caption(r)
+            self.badge = _badge(r, self.session)
             self.request_id = 0 if r is None else r.request_id
             self.version += 1
 
@@ -179,7 +183,14 @@ def _item(inf) -> dict:
     return {"id": int(inf.id), "score": float(inf.score), "score_text": repr(float(inf.score)), "rank": int(inf.rank)}
 
 
+def _badge(r: InfluenceResult | None, session) -> str:
+    if r is None:
+        return ""
+    refining = bool(getattr(session, "refining", False)) and not r.exact
+    return r.badge + (" · refining…" if refining else "")
+
+
 def _caption(r: InfluenceResult) -> str:
     band = "all timesteps" if r.band is None else f"t ∈ [{r.band[0]}, {r.band[1]})"
     return (f"query {r.query_id} · {r.measurement} · {r.method} · damping {r.damping:.3g} · {band} · "
-            f"top {r.k}{' (exact)' if r.exact else ''}")
+            f"top {r.k}")

@@ -5,7 +5,9 @@ Every check of "what the gallery shows" compares the DOM (ids, exact scores, dec
 Python itself wrote into the page (``.dinf-status``), and with the kernel's own direct ``backend.search``.
 Screenshots go to ``test-artifacts/``.
 """
+import json
 import time
+from html import unescape
 
 import pytest
 
@@ -26,6 +28,7 @@ def wait_settled(page, after: int, timeout=60_000) -> dict:
           if (!g || !st || g.dataset.state !== 'ready') return false;
           const rid = Number(g.dataset.renderedRequest);
           if (!(rid > after) || String(rid) !== g.dataset.requestId || Number(st.dataset.request) !== rid) return false;
+          if (st.dataset.json && JSON.parse(st.dataset.json).refining) return false;  // its exact answer follows
           const imgs = [...g.querySelectorAll('.dinf-gallery-body img.dinf-thumb')];
           return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
         }""", arg=[H.GALLERY, after], timeout=timeout)
@@ -110,6 +113,40 @@ def test_voila_renders_and_damping_reorders_as_backend_says(page, voila, browser
     assert float(st["damping"]) < float(before["damping"])
     H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
     H.screenshot(page, "voila-02-after-damping")
+    no_errors(page, browser)
+
+
+def test_voila_badge_then_refined_gallery_is_the_exact_answer(page, voila, browser, backend):
+    """The gallery marks the answer; once refined it reads "exact ✓" and equals check_backend's exact answer, and
+    the "Check exact" button reports a full overlap."""
+    open_voila(page, voila)
+    page.wait_for_function(
+        """(sel) => {
+          const b = document.querySelector(sel + ' .dinf-badge');
+          const t = document.querySelector('.dinf-status .dinf-status-text');
+          return b && b.dataset.exact === 'true' && t && t.dataset.json && JSON.parse(t.dataset.json).exact;
+        }""", arg=H.GALLERY, timeout=120_000)
+    st = wait_settled(page, 0)
+    badge = page.locator(f"{H.GALLERY} .dinf-badge").first  # the main gallery (compare views have their own)
+    assert badge.get_attribute("aria-label") == "answer status"
+    assert badge.text_content().startswith("exact ✓") and st["badge"].startswith("exact ✓")
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)  # the refined answer = backend.refine, bit for bit
+    exact = H.expected_search(backend, st)
+    assert exact.exact and exact.exact_over == "all"
+    # an approximate answer is marked as such until its refinement arrives: drag, then catch the first stage
+    before = H.python_status(page)
+    H.drag_damping(page, -120)
+    st2 = wait_slider_settled(page, before["request_id"])
+    assert st2["badge"].startswith("exact") or st2["badge"].startswith("approximate")
+    page.get_by_role("button", name="Check exact").click()
+    page.wait_for_function("() => { const c = document.querySelector('.dinf-check-text span');"
+                           " return c && ['exact', 'differs'].includes(c.dataset.state); }", timeout=60_000)
+    rep = json.loads(unescape(page.get_attribute(".dinf-check-text span", "data-json")))
+    k = int(st2["k"])
+    if st2["exact"]:
+        assert rep["proponents"]["overlap"] == rep["opponents"]["overlap"] == k
+    assert "of the exact top" in page.locator(".dinf-check-text").text_content()
+    H.screenshot(page, "voila-badge-exact")
     no_errors(page, browser)
 
 

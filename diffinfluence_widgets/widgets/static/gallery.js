@@ -28,7 +28,9 @@ function render({ model, el: root, signal }) {
   const head = el("div", "dinf-gallery-head");
   const caption = el("div", "dinf-caption");
   const state = el("span", "dinf-busy", { "aria-live": "polite" });
-  head.append(caption, state);
+  // exact ✓ / approximate (est. recall …): is the list the method's exact top-k yet?
+  const badge = el("span", "dinf-badge", { "aria-live": "polite", "aria-label": "answer status" });
+  head.append(caption, badge, state);
   const sign = el("p", "dinf-sign");
   const error = el("div", "dinf-error", { role: "alert" });
 
@@ -183,6 +185,10 @@ function render({ model, el: root, signal }) {
 
   function drawMeta() {
     caption.textContent = model.get("caption") || "";
+    const b = model.get("badge") || "";
+    badge.textContent = b;
+    badge.hidden = !b;
+    badge.dataset.exact = b.startsWith("exact") ? "true" : "false";
     sign.textContent = model.get("sign_text") || "";
     const err = model.get("error") || "";
     error.textContent = err;
@@ -271,7 +277,7 @@ function render({ model, el: root, signal }) {
   }, { signal });
 
   model.on("change:version", draw);
-  model.on("change:caption change:sign_text change:error change:busy change:progress", drawMeta);
+  model.on("change:caption change:badge change:sign_text change:error change:busy change:progress", drawMeta);
   model.on("change:selected_id change:selected_thumb", drawSelected);
   drawMeta();
   draw();
