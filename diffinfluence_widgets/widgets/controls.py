@@ -7,6 +7,7 @@ import ipywidgets as W
 import traitlets
 
 from ..session import AttributionSession
+from .reading import GENERATED_ONLY_REASON, needs_generated
 
 __all__ = ["Controls", "MEASUREMENT_HELP", "METHOD_HELP"]
 
@@ -82,9 +83,40 @@ class Controls(W.VBox):
         self.k.observe(self._ui("k"), "value")
         self.reset_damping.on_click(lambda _: setattr(self.session, "damping", self.session.default_damping()))
         session.observe(self._from_session, ["method", "measurement", "damping", "band", "k"])
+        #: why some choices are not offered right now ("" when all are)
+        self.note = W.HTML()
+        self.note.add_class("dinf-controls-note")
+        session.observe(self._availability, ["query_id", "queries", "method", "measurement"])
         super().__init__([self.method, self.measurement, W.HBox([self.damping, self.reset_damping]), self.band,
-                          self.k], **kwargs)
+                          self.k, self.note], **kwargs)
         self.add_class("dinf-controls")
+        self._availability()
+
+    def _availability(self, change=None) -> None:
+        """Offer only the methods and measurements that work with the current query: Journey-TRAK and the
+        trajectory measurements need a generated query (a held-out image has no sampling trajectory)."""
+        s, b = self.session, self.session.backend
+        try:
+            generated = s.query_id is not None and s.query().kind == "generated"
+        except KeyError:
+            generated = False
+        methods = [m for m in b.methods if generated or not needs_generated(method=m)]
+        measurements = [m for m in b.measurements if generated or not needs_generated(measurement=m)]
+        self._syncing = True
+        try:
+            for dd, names, table, current in ((self.method, methods, METHOD_HELP, s.method),
+                                               (self.measurement, measurements, MEASUREMENT_HELP, s.measurement)):
+                opts = tuple((_label(m, table), m) for m in (names if current in names else [*names, current]))
+                if tuple(dd.options) != opts:
+                    dd.options = opts
+                dd.value = current
+        finally:
+            self._syncing = False
+        hidden = [_label(m, METHOD_HELP) for m in b.methods if m not in methods] + \
+                 [_label(m, MEASUREMENT_HELP) for m in b.measurements if m not in measurements]
+        self.note.value = ("" if not hidden else
+                           f"<span class='dinf-unavailable' title='{', '.join(hidden)}'>Not offered for this "
+                           f"held-out query: {', '.join(hidden)} — {GENERATED_ONLY_REASON}.</span>")
 
     def _range(self) -> tuple[float, float]:
         """One fixed range (log10) covering every method family's default: changing the range together with the
