@@ -223,6 +223,25 @@ class VoilaServer:
     proc: subprocess.Popen | None = None
     pool_ready: threading.Event = field(default_factory=threading.Event)
     log_lines: list = field(default_factory=list)
+    #: how many kernels have finished running the app (the preheated ones and those of pages)
+    apps_ready: int = 0
+
+    @property
+    def status_file(self) -> Path:
+        """``server.json`` beside the config (mode 0600: it holds the token): URL, PIDs and ``apps_ready``, for
+        tools that drive a running server (the browser bench)."""
+        return self.config_dir / "server.json"
+
+    def _write_status(self) -> None:
+        from ._io import atomic_write_bytes
+
+        body = {"url": self.url, "port": self.port, "voila_pid": None if self.proc is None else self.proc.pid,
+                "cli_pid": os.getpid(), "pool_size": self.pool_size, "apps_ready": self.apps_ready}
+        try:
+            atomic_write_bytes(self.status_file, json.dumps(body).encode())
+            os.chmod(self.status_file, 0o600)
+        except OSError:
+            pass
 
     @property
     def url(self) -> str:
@@ -244,6 +263,7 @@ class VoilaServer:
                                      cwd=str(self.notebook.parent), start_new_session=True, bufsize=1)
         if self.pool_size == 0:
             self.pool_ready.set()
+        self._write_status()
         threading.Thread(target=self._pump, name="voila-log", daemon=True).start()
         return self
 
@@ -252,6 +272,8 @@ class VoilaServer:
             self.log_lines.append(line)
             del self.log_lines[:-400]
             if APP_READY in line:
+                self.apps_ready += 1
+                self._write_status()
                 self.pool_ready.set()
                 continue
             if NOISE.search(line):
@@ -281,7 +303,12 @@ class VoilaServer:
         raise ServeError(f"Voila was not ready within {timeout:.0f} s")
 
     def stop(self) -> list[int]:
-        return [] if self.proc is None else stop_process_tree(self.proc)
+        killed = [] if self.proc is None else stop_process_tree(self.proc)
+        try:
+            self.status_file.unlink()
+        except OSError:
+            pass
+        return killed
 
 
 # ---------------------------------------------------------------------------------------------- the cache child
