@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     log = open(tmp / "serve.log", "w")
     t_start = time.perf_counter()
     proc = subprocess.Popen([*cli, "serve", "--config", args.config, "--cache-dir", str(cache), "--threads", "1",
-                             "--port", str(port), "--cull-idle", "5"], stdout=log, stderr=subprocess.STDOUT,
+                             "--port", str(port), "--cull-idle", "20"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     sampler = Sampler(proc.pid)
     sampler.start()
@@ -138,10 +138,10 @@ def main(argv=None) -> int:
                                        "img.dinf-query-img')].every(i => i.complete && i.naturalWidth > 0)")
                 times.append(time.perf_counter() - t0)
             wait_apps(1 + args.pages)
-            time.sleep(8)  # culling: the replaced pages' kernels go after 5 s idle
+            time.sleep(25)  # culling: the replaced pages' kernels go after 20 s idle
             open_parts = sampler.parts()
             page.goto("about:blank")
-            time.sleep(8)
+            time.sleep(25)
             closed_parts = sampler.parts()
             ctx.close()
         result = {"config": args.config, "pages": args.pages, "serve_ready_s": ready_s, "page_ready_s": times,
@@ -164,7 +164,7 @@ def write_results(r: dict, path: Path) -> None:
     section = f"""## Serving the explorer (issue 10)
 
 `python bench/serving.py --config {r['config']} --pages {r['pages']}`: the real `diffinfluence serve` (token,
-one preheated kernel, kernel culling after 5 s idle without a page) on a built `{r['config']}` cache, driven by
+one preheated kernel, kernel culling after 20 s idle without a page) on a built `{r['config']}` cache, driven by
 headless Chromium; torch threads 1; {os.cpu_count()} cores shared with other jobs, {time.strftime('%Y-%m-%d')}.
 
 | measure | value | goal |

@@ -45,10 +45,7 @@ def app_notebook(config: str | None = None, cache_dir: str | Path | None = None,
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    intro = (f"# {APP_TITLE}\n\n"
-             "Pick a query on the left (a generated sample or a held-out digit): the gallery shows it large beside "
-             "the training images that helped the model make it (proponents) and those that pulled it away "
-             "(opponents). Change the measurement, method and damping above the gallery.")
+    intro = f"# {APP_TITLE}"  # the explorer says what to do; the page stays short
     nb.cells = [nbformat.v4.new_markdown_cell(intro),
                 nbformat.v4.new_code_cell(_source(config, None if cache_dir is None else str(cache_dir), threads))]
     for i, c in enumerate(nb.cells):  # stable ids: the shipped file does not change on regeneration

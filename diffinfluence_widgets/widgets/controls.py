@@ -1,6 +1,7 @@
 """``Controls``: method, measurement proxy, damping (log-scale live slider), timestep band, k (ipywidgets)."""
 from __future__ import annotations
 
+import html
 import math
 
 import ipywidgets as W
@@ -115,8 +116,9 @@ class Controls(W.VBox):
         hidden = [_label(m, METHOD_HELP) for m in b.methods if m not in methods] + \
                  [_label(m, MEASUREMENT_HELP) for m in b.measurements if m not in measurements]
         self.note.value = ("" if not hidden else
-                           f"<span class='dinf-unavailable' title='{', '.join(hidden)}'>Not offered for this "
-                           f"held-out query: {', '.join(hidden)} — {GENERATED_ONLY_REASON}.</span>")
+                           f"<small class='dinf-unavailable' title='{html.escape(', '.join(hidden), quote=True)}'>"
+                           f"Journey-TRAK and the trajectory measurements are not offered for a held-out query: "
+                           f"each {GENERATED_ONLY_REASON}.</small>")
 
     def _range(self) -> tuple[float, float]:
         """One fixed range (log10) covering every method family's default: changing the range together with the

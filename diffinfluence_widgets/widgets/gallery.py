@@ -63,9 +63,15 @@ class InfluenceGallery(anywidget.AnyWidget):
     selected_thumb = traitlets.Bytes(b"").tag(sync=True)
     selected_text = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, **kwargs):
+    def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, show_query: bool = True,
+                 **kwargs):
         super().__init__(page_size=page_size, **kwargs)
         self.session = session
+        #: show the query large beside the lists and the sign reading above them (the compare view's galleries
+        #: do not: the explorer states both once)
+        self.show_query = show_query
+        if not show_query:
+            self.sign_text = ""
         self._result: InfluenceResult | None = None
         self._pushing = False
         self._thumb_source = session
@@ -145,10 +151,12 @@ class InfluenceGallery(anywidget.AnyWidget):
         if r is None or src is None:
             self.readout, self.query_thumb, self.query_text, self.deltas = "", b"", "", {}
             return
-        self.sign_text = sign_reading(r.measurement)
+        self.sign_text = sign_reading(r.measurement) if self.show_query else ""
         self.titles = list(section_titles(r.measurement))
         self.readout = predicted_change_text(r, len(src.backend.train_ids))
         self.deltas = predicted_change(r, len(src.backend.train_ids))
+        if not self.show_query:
+            return
         try:
             q = src.query(r.query_id)
             self.query_thumb = src.query_thumbnail(q.id, size=QUERY_SIZE)

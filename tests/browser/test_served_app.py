@@ -25,7 +25,8 @@ from diffinfluence_widgets.widgets.controls import MEASUREMENT_HELP, METHOD_HELP
 
 pytestmark = pytest.mark.browser
 
-CULL_IDLE = 4  # seconds a kernel without a page may idle before the server shuts it down (the CLI's --cull-idle)
+CULL_IDLE = 20  # seconds a kernel without a page may idle before the server shuts it down (--cull-idle); shorter
+#: values cull a page's kernel before a slow browser connects (its pool protection ends when the page takes it)
 DOCS = H.REPO / "docs"
 
 
@@ -122,13 +123,13 @@ def settings_named(page) -> dict:
     """The settings as the gallery caption, the dropdowns, the zoom and Python's status line name them."""
     return page.evaluate("""() => {
       const label = (c) => { const s = document.querySelector(`.dinf-explorer ${c} select`);
-                             return s && s.selectedIndex >= 0 ? s.options[s.selectedIndex].textContent : null; };
+                             return s && s.selectedIndex >= 0 ? s.options[s.selectedIndex].textContent.replace(/\u00a0/g, ' ') : null; };
       const z = document.querySelector('.dinf-explorer .dinf-gallery .dinf-zoom');
       return {caption: document.querySelector('.dinf-explorer .dinf-gallery .dinf-caption').textContent,
               method: label('.dinf-method'), measurement: label('.dinf-measurement'),
-              method_options: [...document.querySelectorAll('.dinf-explorer .dinf-method select option')].map(o => o.textContent),
+              method_options: [...document.querySelectorAll('.dinf-explorer .dinf-method select option')].map(o => o.textContent.replace(/\u00a0/g, ' ')),
               zoom: z && !z.hidden ? z.querySelector('.dinf-zoom-text').textContent : null,
-              query: document.querySelector('.dinf-explorer .dinf-query-text').textContent,
+              query: document.querySelector('.dinf-explorer .dinf-gallery .dinf-query-text').textContent,
               note: document.querySelector('.dinf-explorer .dinf-controls-note').textContent};
     }""")
 
@@ -160,7 +161,7 @@ def test_reloads_free_their_kernels_and_memory(page, served, browser):
         times.append(time.monotonic() - t0)
     # the five replaced pages' kernels are culled once idle without a page; the open page's and the preheated
     # spare remain
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(served.processes()["kernels"]) > 2:
         time.sleep(1)
     kernels = served.processes()["kernels"]
@@ -172,7 +173,7 @@ def test_reloads_free_their_kernels_and_memory(page, served, browser):
     assert rss1 - rss0 <= 200, (rss0, rss1)
     # closing the page: its kernel goes as well; only the preheated spare stays
     page.goto("about:blank")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(served.processes()["kernels"]) > 1:
         time.sleep(1)
     assert len(served.processes()["kernels"]) <= 1, served.processes()
@@ -182,12 +183,12 @@ def test_reloads_free_their_kernels_and_memory(page, served, browser):
 def test_query_labels_invalid_combination_and_consistent_settings(page, served, browser, backend):
     st, _ = open_app(page, served)
     # the query large, with its label; tiles with id and class label; one sign reading; the predicted change
-    q = page.locator(".dinf-explorer .dinf-query-img")
+    q = page.locator(f"{H.GALLERY} .dinf-query-img").first
     assert q.bounding_box()["width"] >= 150 and q.evaluate("i => i.naturalWidth") > 0
-    tile_ids = page.locator(f"{H.GALLERY} .dinf-tile .dinf-tile-id").all_inner_texts()
+    tile_ids = page.locator(f"{H.GALLERY} .dinf-tile .dinf-tile-id").all_inner_texts()[:24]
     assert tile_ids and all(t.startswith("#") and " · " in t for t in tile_ids), tile_ids
-    assert page.locator(f"{H.GALLERY} .dinf-sign").inner_text().count("helped the model make this") == 1
-    assert "(1/N) Σ s" in page.locator(f"{H.GALLERY} .dinf-readout").inner_text()
+    assert page.locator(f"{H.GALLERY} .dinf-sign").first.inner_text().count("helped the model make this") == 1
+    assert "(1/N) Σ s" in page.locator(f"{H.GALLERY} .dinf-readout").first.inner_text()
     assert_consistent(page, st)
     queries = backend.queries()
     gen = next(x.id for x in queries if x.kind == "generated")
