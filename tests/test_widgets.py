@@ -91,15 +91,33 @@ def test_gallery_selection_and_map_link(session):
     g.set_state({"selected_id": target})  # a click in the gallery
     assert g.selected_thumb.startswith(b"\x89PNG") and "proponent #4" in g.selected_text
     # a click on the 2-D map selects an image that may not be listed at all
-    m = GradientMap(session, on_select=g.select)
+    m = GradientMap(session, on_select=g.select, on_hover=g.preview, on_lasso=g.choose)
     listed = {i.id for i in [*session.result.proponents, *session.result.opponents]}
     other = next(int(i) for i in session.backend.train_ids if int(i) not in listed)
 
-    # what the front end sends for a click on point i of trace 0 (all training images)
-    m.view._on_custom_msg(m.view, {"type": "click", "curve": 0, "index": int(session.train_position([other])[0])},
-                          [])
+    # what the front end sends for a click on a point: its trace, index and customdata (the training id)
+    lab = str(session.backend.labels[session.train_position([other])[0]])
+    curve = next(n for n, t in enumerate(m.fig.data) if t.name == f"class {lab}")
+    index = list(m.fig.data[curve].customdata).index(other)
+    m.view._on_custom_msg(m.view, {"type": "click", "curve": curve, "index": index, "customdata": other}, [])
     assert g.selected_id == other and "not in the top" in g.selected_text
-    assert list(m.fig.data[3].customdata) == [other]
+    assert list(m._trace("selected").customdata) == [other]
+    # the map is coloured by class: one trace per class, every training image in exactly one of them
+    classes = [t for t in m.fig.data if t.name.startswith("class ")]
+    assert sorted(int(i) for t in classes for i in t.customdata) == sorted(int(i) for i in session.backend.train_ids)
+    assert "principal direction" in m.fig.layout.xaxis.title.text and m.fig.layout.yaxis.title.text
+    # hover previews in the gallery's larger view (not pinned); a lasso lists the chosen images with their scores
+    m.view._on_custom_msg(m.view, {"type": "hover", "customdata": int(listed.pop())}, [])
+    assert g.preview_thumb.startswith(b"\x89PNG") and "training image" in g.preview_text
+    lasso = [int(i) for i in session.backend.train_ids[:5]]
+    m.view._on_custom_msg(m.view, {"type": "select", "customdata": lasso}, [])
+    assert sorted(d["id"] for d in g.chosen) == sorted(lasso) and len(g.chosen_thumbs) == 5
+    scores = [d["score"] for d in g.chosen]
+    assert scores == sorted(scores, reverse=True)
+    pos = session.train_position([g.chosen[0]["id"]])[0]
+    assert scores[0] == session.result.all_scores[pos]
+    m.view._on_custom_msg(m.view, {"type": "select", "customdata": []}, [])
+    assert g.chosen == []
 
 
 def test_gallery_shows_errors():

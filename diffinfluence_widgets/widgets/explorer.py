@@ -53,7 +53,8 @@ class InfluenceExplorer(W.VBox):
         self.distribution = ScoreDistribution(s, active=True, debounce_s=db)
         self.sweep = RankStability(s, active=False, debounce_s=db)
         self.bands = BandProfile(s, active=False, debounce_s=db)
-        self.map = GradientMap(s, on_select=self.gallery.select, active=False, debounce_s=db)
+        self.map = GradientMap(s, on_select=self.gallery.select, on_hover=self.gallery.preview,
+                               on_lasso=self.gallery.choose, active=False, debounce_s=db)
         self.compare = CompareView(s, active=False)
         self.export = ExportPanel(s, folder=export_folder)
         self._views = [self.distribution, self.sweep, self.bands, self.map, self.compare, None]

@@ -62,6 +62,14 @@ class InfluenceGallery(anywidget.AnyWidget):
     selected_id = traitlets.Int(-1).tag(sync=True)
     selected_thumb = traitlets.Bytes(b"").tag(sync=True)
     selected_text = traitlets.Unicode("").tag(sync=True)
+    #: a training image previewed (hovered in the 2-D map): shown in the larger view unless one is pinned
+    preview_thumb = traitlets.Bytes(b"").tag(sync=True)
+    preview_text = traitlets.Unicode("").tag(sync=True)
+    #: training images chosen elsewhere (a lasso in the 2-D map), listed under the proponents and opponents
+    chosen = traitlets.List(traitlets.Dict()).tag(sync=True)
+    chosen_thumbs = traitlets.List(traitlets.Bytes()).tag(sync=True)
+    #: the most images a lasso lists (their thumbnails travel in one message)
+    MAX_CHOSEN = 48
 
     def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, show_query: bool = True,
                  **kwargs):
@@ -182,24 +190,7 @@ class InfluenceGallery(anywidget.AnyWidget):
                 self.selected_thumb = b""
                 self.selected_text = ""
             return
-        lab = train_labels(src.backend, [sid])[0] if hasattr(src, "backend") else None
-        name = f"training image {sid}" + ("" if lab is None else f" (class {lab})")
-        text = name
-        r = self._result
-        if r is not None:
-            for inf in [*r.proponents, *r.opponents]:
-                if inf.id == sid:
-                    text = f"{inf.role} #{inf.rank} · {name} · score {inf.score!r}"
-                    break
-            else:
-                text = f"{name} · not in the top {r.k}"
-                if r.all_scores is not None and hasattr(src, "train_position"):
-                    try:
-                        pos = int(src.train_position([sid])[0])
-                        text = f"{name} · score {float(r.all_scores[pos])!r} (not in the top {r.k})"
-                    except KeyError:
-                        pass
-            text += f" · for query {r.query_id}, {r.method}, λ = {r.damping:.3g}"
+        text = self._describe(sid)
         try:
             thumb = src.thumbnails([sid])[0]
         except Exception as e:  # an id the backend does not know: say so in the widget
@@ -208,6 +199,62 @@ class InfluenceGallery(anywidget.AnyWidget):
         with self.hold_sync():
             self.selected_thumb = thumb
             self.selected_text = text
+
+    def _describe(self, sid: int) -> str:
+        """``training image <id> (class c) · score … · for query …`` for the result shown."""
+        src = self._thumb_source
+        lab = train_labels(src.backend, [sid])[0] if hasattr(src, "backend") else None
+        name = f"training image {sid}" + ("" if lab is None else f" (class {lab})")
+        r = self._result
+        if r is None:
+            return name
+        for inf in [*r.proponents, *r.opponents]:
+            if inf.id == sid:
+                return f"{inf.role} #{inf.rank} · {name} · score {inf.score!r} · for query {r.query_id}, " \
+                       f"{r.method}, λ = {r.damping:.3g}"
+        text = f"{name} · not in the top {r.k}"
+        if r.all_scores is not None and hasattr(src, "train_position"):
+            try:
+                pos = int(src.train_position([sid])[0])
+                text = f"{name} · score {float(r.all_scores[pos])!r} (not in the top {r.k})"
+            except KeyError:
+                pass
+        return text + f" · for query {r.query_id}, {r.method}, λ = {r.damping:.3g}"
+
+    def preview(self, train_id: int) -> None:
+        """Show a training image in the larger view without pinning it (hover in the 2-D map)."""
+        src = self._thumb_source
+        if src is None:
+            return
+        try:
+            thumb = src.thumbnails([int(train_id)])[0]
+        except Exception:  # an unknown id: nothing to preview
+            return
+        with self.hold_sync():
+            self.preview_thumb = thumb
+            self.preview_text = self._describe(int(train_id))
+
+    def choose(self, train_ids) -> None:
+        """List these training images (a lasso in the 2-D map) under the proponents and opponents, with their
+        scores for the result shown; an empty list clears the list."""
+        src = self._thumb_source
+        ids = [int(i) for i in train_ids][: self.MAX_CHOSEN]
+        if src is None or not ids:
+            with self.hold_sync():
+                self.chosen, self.chosen_thumbs = [], []
+            return
+        r = self._result
+        scores = {}
+        if r is not None and r.all_scores is not None and hasattr(src, "train_position"):
+            pos = src.train_position(ids)
+            scores = {i: float(r.all_scores[p]) for i, p in zip(ids, pos)}
+        ids.sort(key=lambda i: -scores.get(i, 0.0))
+        labels = train_labels(src.backend, ids) if hasattr(src, "backend") else [None] * len(ids)
+        items = [{"id": i, "score": scores.get(i, float("nan")), "score_text": repr(scores.get(i, float("nan"))),
+                  "rank": n + 1, "label": "" if lab is None else str(lab)} for n, (i, lab) in enumerate(zip(ids, labels))]
+        with self.hold_sync():
+            self.chosen_thumbs = src.thumbnails(ids)
+            self.chosen = items
 
     def select(self, train_id: int) -> None:
         """Select a training image (e.g. from the 2-D map); jumps to its page when it is listed."""

@@ -51,6 +51,17 @@ function render({ model, el: root, signal }) {
     body.append(sec);
   }
 
+  // training images chosen with the lasso in the 2-D map
+  const chosenSec = el("section", "dinf-section dinf-chosen");
+  const chosenHead = el("h4", "dinf-section-title");
+  const chosenClear = el("button", "dinf-chosen-clear", { type: "button", title: "Clear the list" });
+  chosenClear.textContent = "clear";
+  const chosenGrid = el("div", "dinf-grid", { role: "list" });
+  chosenSec.append(chosenHead, chosenGrid);
+  chosenSec.hidden = true;
+  body.append(chosenSec);
+  let chosenUrls = [];
+
   const pager = el("nav", "dinf-pager", { "aria-label": "Gallery pages" });
   const prev = el("button", "dinf-page-prev", { type: "button", "aria-label": "Previous page", title: "Previous page (PageUp)" });
   prev.textContent = "‹ prev";
@@ -76,7 +87,7 @@ function render({ model, el: root, signal }) {
   let focusKey = null; // {role, index} of the tile that should hold focus after a redraw
   let hoverTimer = null;
 
-  const tiles = () => [...root.querySelectorAll(".dinf-tile")];
+  const tiles = () => [...root.querySelectorAll(".dinf-tile[data-role]")];
 
   function openZoom(tile, pin) {
     const { role, id, score, rank, label } = tile.dataset;
@@ -196,6 +207,42 @@ function render({ model, el: root, signal }) {
     });
   }
 
+  function drawChosen() {
+    for (const u of chosenUrls) URL.revokeObjectURL(u);
+    chosenUrls = [];
+    const items = model.get("chosen") || [];
+    const thumbs = model.get("chosen_thumbs") || [];
+    chosenSec.hidden = !items.length;
+    chosenHead.replaceChildren(`Chosen in the gradient map · ${items.length} (by score) `, chosenClear);
+    const frag = document.createDocumentFragment();
+    items.forEach((it, i) => {
+      const t = el("div", "dinf-tile dinf-chosen-tile", { role: "listitem",
+        "aria-label": `chosen training image ${it.id}${it.label ? ", class " + it.label : ""}, score ${it.score_text}` });
+      t.dataset.id = String(it.id);
+      const img = el("img", "dinf-thumb", { alt: `training image ${it.id}` });
+      if (thumbs[i]) { const u = blobUrl(thumbs[i]); chosenUrls.push(u); img.src = u; }
+      const idl = el("span", "dinf-tile-id");
+      idl.textContent = `#${it.id}${it.label ? " · " + it.label : ""}`;
+      const sc = el("span", `dinf-score dinf-score-${it.score >= 0 ? "pos" : "neg"}`);
+      sc.textContent = fmt(it.score);
+      t.append(img, idl, sc);
+      frag.append(t);
+    });
+    chosenGrid.replaceChildren(frag);
+  }
+
+  let previewUrl = null;
+  function drawPreview() {
+    const dv = model.get("preview_thumb");
+    if (!dv || !dv.byteLength || zoom.dataset.pinned) return;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = blobUrl(dv);
+    zoomImg.src = previewUrl;
+    zoomText.textContent = model.get("preview_text") || "";
+    zoom.hidden = false;
+    zoom.dataset.id = "";
+  }
+
   function drawQuery() {
     const dv = model.get("query_thumb");
     if (queryUrl) { queryImg.removeAttribute("src"); URL.revokeObjectURL(queryUrl); queryUrl = null; }
@@ -304,6 +351,10 @@ function render({ model, el: root, signal }) {
   model.on("change:caption change:sign_text change:readout change:error change:busy change:progress", drawMeta);
   model.on("change:selected_id change:selected_thumb change:selected_text", drawSelected);
   model.on("change:query_thumb change:query_text", drawQuery);
+  model.on("change:chosen", drawChosen);
+  model.on("change:preview_thumb change:preview_text", drawPreview);
+  chosenClear.addEventListener("click", () => { model.set("chosen", []); model.set("chosen_thumbs", []); model.save_changes(); }, { signal });
+  drawChosen();
   drawMeta();
   drawQuery();
   draw();
@@ -312,6 +363,10 @@ function render({ model, el: root, signal }) {
     release();
     if (zoomUrl) URL.revokeObjectURL(zoomUrl);
     if (queryUrl) URL.revokeObjectURL(queryUrl);
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    for (const u of chosenUrls) URL.revokeObjectURL(u);
+    model.off(null, drawChosen);
+    model.off(null, drawPreview);
     model.off(null, drawQuery);
     model.off("change:version", draw);
     model.off(null, drawMeta);
