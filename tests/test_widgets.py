@@ -314,3 +314,18 @@ def test_gallery_and_zoom_name_the_settings_of_what_they_show():
     s.query_id = 203
     assert s.error and g.proponents == [] and g.error == s.error
     assert g.caption.startswith("no result for query 203 · loss · ekfac") and c.method.value == s.method == "ekfac"
+
+
+def test_damping_range_per_method_with_the_noise_region_marked():
+    b = StandInBackend(num_train=200)
+    b.curvature_scale = {"ekfac": 1e-2, "kfac": 1e-2, "trak": 1.0, "dtrak": 1.0}
+    s = AttributionSession(b, threaded=False)
+    c = Controls(s)
+    # the ekfac range reaches a decade below the noise boundary (1e-6 τ = 1e-8) and two above τ
+    assert (c.damping.min, c.damping.max) == (-9, 0)
+    assert "data-in-noise='0'" in c.scale.value and "1.00e-02" in c.scale.value
+    s.damping = 3e-9  # the far left: the strip says so
+    assert "data-in-noise='1'" in c.scale.value and "noise region" in c.scale.value
+    c.method.value = "trak"  # another family: its own range and default
+    assert s.damping == b.default_damping["trak"] and (c.damping.min, c.damping.max) == (-7, 2)
+    assert c.damping.min <= math.log10(s.damping) <= c.damping.max and "data-in-noise='0'" in c.scale.value

@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["sign_reading", "section_titles", "predicted_change_text", "needs_generated", "compatible_settings",
-           "train_labels", "measurement_words", "predicted_change", "GENERATED_ONLY_REASON"]
+           "train_labels", "measurement_words", "predicted_change", "curvature_scale", "NOISE_BELOW",
+           "GENERATED_ONLY_REASON"]
 
 #: measurements where a larger value means the model finds the query *more* likely
 _HIGHER_IS_BETTER = ("trajectory_logprob",)
@@ -131,3 +132,28 @@ def train_labels(backend, ids: Sequence[int]) -> list[int | None]:
     except (KeyError, IndexError, TypeError, ValueError):
         pass
     return [None] * len(ids)
+
+
+#: dampings below this fraction of the curvature scale τ are marked as the noise region of the slider
+NOISE_BELOW = 1e-6
+_KFAC_FAMILY = ("ekfac", "kfac")
+
+
+def curvature_scale(backend, method: str) -> float | None:
+    """The curvature scale τ that a damping of ``method`` is compared with: the mean eigenvalue of the (E)K-FAC
+    curvature for the K-FAC family, of ΦᵀΦ for the TRAK family (whose default damping is that mean). A backend may
+    say it directly (``backend.curvature_scale(method)`` or a dict); ``None`` when unknown."""
+    given = getattr(backend, "curvature_scale", None)
+    try:
+        if callable(given):
+            v = given(method)
+        elif isinstance(given, dict):
+            v = given.get(method)
+        elif method in _KFAC_FAMILY:
+            v = getattr(backend, "switch_damping", None)  # IndexBackend: the mean (E)K-FAC eigenvalue
+        else:
+            v = (getattr(backend, "default_damping", {}) or {}).get(method)  # TRAK: relative 1 × mean eigenvalue
+        v = None if v is None else float(v)
+    except (TypeError, ValueError, KeyError):
+        return None
+    return v if v is not None and v > 0 and np.isfinite(v) else None
