@@ -756,7 +756,9 @@ class IndexBackend:
                 label += f" (label {int(heldout.labels[len(self._queries)])})"
             self._queries[int(i)] = QueryItem(id=int(i), kind="heldout", image=img.numpy().astype(np.float32),
                                               label=label)
-        for s in range(int(num_generated)):
+        from tqdm.auto import tqdm  # sampling the generated queries is the last long part of a build: a bar
+        for s in tqdm(range(int(num_generated)), desc="generated queries", unit="sample",
+                      disable=not (progress and num_generated)):
             self.generate_query(s)
         self._map2d: np.ndarray | None = None
         self._grad_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
