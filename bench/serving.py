@@ -134,8 +134,10 @@ def main(argv=None) -> int:
                 else:
                     page.reload(wait_until="domcontentloaded")
                 H.wait_explorer(page)
-                page.wait_for_function("() => [...document.querySelectorAll('.dinf-gallery img.dinf-thumb, "
-                                       "img.dinf-query-img')].every(i => i.complete && i.naturalWidth > 0)")
+                page.wait_for_function("() => { const g = document.querySelector('.dinf-explorer .dinf-gallery');"
+                                       " const imgs = [...g.querySelectorAll('img.dinf-thumb, img.dinf-query-img')];"
+                                       " return imgs.length > 1 && imgs.every(i => i.complete && i.naturalWidth > 0)"
+                                       " && !!g.querySelector('img.dinf-query-img[src]'); }")
                 times.append(time.perf_counter() - t0)
             wait_apps(1 + args.pages)
             time.sleep(25)  # culling: the replaced pages' kernels go after 20 s idle
