@@ -90,6 +90,10 @@ def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- Voila
+#: seconds Voila waits before refilling the kernel pool after a page took the preheated kernel
+FILL_DELAY_S = 12.0
+
+
 def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | None = None,
                  pool_size: int = 1) -> dict:
     """The Voila / Jupyter server configuration of the explorer (written as ``voila.json``)."""
@@ -109,6 +113,9 @@ def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | 
         },
         "MappingKernelManager": {"cull_idle_timeout": int(round(cull_idle)), "cull_interval": int(interval),
                                  "cull_connected": False, "cull_busy": False},
+        # refill the pool only after the page that took the preheated kernel has loaded: on a small machine the
+        # refill's imports (torch, diffusers) would otherwise compete with that page for the CPU
+        "VoilaKernelManager": {"fill_delay": float(FILL_DELAY_S)},
     }
 
 
