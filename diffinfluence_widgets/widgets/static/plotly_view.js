@@ -74,11 +74,15 @@ function render({ model, el, signal }) {
       .catch((e) => { msg.textContent = `plot error: ${e}`; });
   };
 
-  loadPlotly(model).then((P) => {
+  // plotly.js is ~4.8 MB to receive and evaluate: ask for it once the page is idle (at most 1.5 s after the
+  // view renders), so the gallery — what a user looks at first — is not slowed down by it
+  const idle = new Promise((resolve) => (window.requestIdleCallback
+    ? window.requestIdleCallback(resolve, { timeout: 1500 }) : setTimeout(resolve, 300)));
+  idle.then(() => (signal.aborted ? Promise.reject(new Error("view removed")) : loadPlotly(model))).then((P) => {
     if (signal.aborted) return;
     Plotly = P;
     draw();
-  }).catch((e) => { msg.textContent = `could not load plotly.js: ${e}`; });
+  }).catch((e) => { if (!signal.aborted) msg.textContent = `could not load plotly.js: ${e}`; });
 
   // a figure first drawn in a hidden tab has no width: redraw to the container's size when it gets one
   let lastWidth = 0;
