@@ -91,7 +91,7 @@ def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- Voila
 #: seconds Voila waits before refilling the kernel pool after a page took the preheated kernel
-FILL_DELAY_S = 12.0
+FILL_DELAY_S = 6.0
 
 
 def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | None = None,

@@ -200,8 +200,9 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-last-of-type(3) path.point"
     page.wait_for_selector(pts, state="visible", timeout=90_000)
     page.locator(".dinf-plot-map .js-plotly-plot").scroll_into_view_if_needed()
+    # pinned by the click (a hover only previews the image, unpinned)
     zoom_shown = ("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
-                  " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+                  " return z && !z.hidden && z.dataset.pinned === '1' && /training image \\d+/.test(z.textContent); }")
     for attempt in range(4):
         # plotly hit-tests through hover; a redraw between hover and click can swallow the click: retry
         box = stable_box(page, page.locator(pts).nth(attempt))
