@@ -226,7 +226,7 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     zid = int(page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id"))
     assert zid in set(int(i) for i in backend.train_ids)
     page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:last-of-type path.point")
-    assert "principal direction" in page.inner_text(".dinf-plot-map .xtitle")
+    assert "principal direction" in page.locator(".dinf-plot-map .xtitle").first.text_content()
     # hovering another point previews it in the gallery's larger view only while nothing is pinned: pinned here
     zoom_text = page.inner_text(f"{H.GALLERY} .dinf-zoom-text")
     assert f"training image {zid}" in zoom_text

@@ -301,13 +301,14 @@ function render({ model, el: root, signal }) {
 
   body.addEventListener("click", (e) => {
     const t = e.target.closest(".dinf-tile");
-    if (t) { focusTile(t); openZoom(t, true); }
+    if (t) { clearTimeout(hoverTimer); focusTile(t); openZoom(t, true); }
   }, { signal });
   body.addEventListener("mouseover", (e) => {
     const t = e.target.closest(".dinf-tile");
     if (!t || zoom.dataset.pinned) return;
     clearTimeout(hoverTimer);
-    hoverTimer = setTimeout(() => openZoom(t, false), 120);
+    // re-checked when the timer fires: a click in between pins the view, and a preview must not unpin it
+    hoverTimer = setTimeout(() => { if (!zoom.dataset.pinned) openZoom(t, false); }, 120);
   }, { signal });
   body.addEventListener("mouseleave", () => {
     clearTimeout(hoverTimer);
