@@ -205,7 +205,7 @@ class ScoreDistribution(_View):
         self.fig.add_bar(name="all training images", marker_color=GREY, hoverinfo="x+y")
         self.fig.add_scatter(name="top-k proponents", mode="markers", marker=dict(color=PRO, symbol="triangle-up", size=9))
         self.fig.add_scatter(name="top-k opponents", mode="markers", marker=dict(color=OPP, symbol="triangle-up", size=9))
-        self.fig.update_layout(title="Score distribution (positive: proponent, negative: opponent)",
+        self.fig.update_layout(title="Scores of all training images (the listed top-k marked)",
                                xaxis_title="score", yaxis_title="training images", bargap=0.02)
 
     def _compute(self):
