@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._io import atomic_write_bytes
 from .app import APP_READY
 
 __all__ = ["ServeError", "check_port", "demo_cache_problem", "voila_config", "VoilaServer", "descendants",
@@ -59,7 +60,7 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
     """``None`` when the demo cache in ``cache_dir`` is complete for ``config`` (every step written with the
     current settings, the steps agreeing on the model); else why not. Reads JSON manifests only (milliseconds)."""
-    from .demo import CACHE_FORMAT, CACHE_VERSION, demo_config
+    from .demo import CACHE_FORMAT, CACHE_VERSION, demo_config  # torch: only where a cache is checked (a child)
 
     cfg = demo_config(config)
     root = Path(cache_dir)
@@ -240,8 +241,6 @@ class VoilaServer:
         return self.config_dir / "server.json"
 
     def _write_status(self) -> None:
-        from ._io import atomic_write_bytes
-
         body = {"url": self.url, "port": self.port, "voila_pid": None if self.proc is None else self.proc.pid,
                 "cli_pid": os.getpid(), "pool_size": self.pool_size, "apps_ready": self.apps_ready}
         try:
@@ -255,8 +254,6 @@ class VoilaServer:
         return f"http://127.0.0.1:{self.port}/?token={self.token}"
 
     def start(self) -> "VoilaServer":
-        from ._io import atomic_write_bytes
-
         self.config_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config_dir, 0o700)
         cfg = voila_config(self.token, cull_idle=self.cull_idle, cull_interval=self.cull_interval,

@@ -264,7 +264,7 @@ def test_plotly_view_sends_plotly_js_once_asked_and_the_figure_as_json(session):
     d = ScoreDistribution(session)
     fig = d.view.figure
     assert fig["data"][0]["type"] == "bar" and len(fig["data"][0]["y"]) == 60
-    assert "Score distribution" in json.dumps(fig["layout"])
+    assert "Scores of all training images" in json.dumps(fig["layout"])
     v = PlotlyView()
     sent = capture(v)
     v._on_custom_msg(v, {"type": "need-plotly"}, [])

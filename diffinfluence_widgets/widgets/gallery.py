@@ -13,7 +13,8 @@ import anywidget
 import traitlets
 
 from ..backend import SIGN_CONVENTION
-from ..session import AttributionSession, InfluenceResult
+from ..results import InfluenceResult
+from ..session import AttributionSession
 from .reading import predicted_change, predicted_change_text, section_titles, sign_reading, train_labels
 
 __all__ = ["InfluenceGallery", "SIGN_TEXT"]
