@@ -25,7 +25,7 @@ from diffinfluence_widgets.widgets.controls import MEASUREMENT_HELP, METHOD_HELP
 
 pytestmark = pytest.mark.browser
 
-CULL_IDLE = 20  # seconds a kernel without a page may idle before the server shuts it down (--cull-idle); shorter
+CULL_IDLE = 45  # seconds a kernel without a page may idle before the server shuts it down (--cull-idle); shorter
 #: values cull a page's kernel before a slow browser connects (its pool protection ends when the page takes it)
 DOCS = H.REPO / "docs"
 
