@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 # The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
@@ -89,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="Voila port on 127.0.0.1 (default: %(default)s)")
     s.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
                    help="stop the server after this many seconds (smoke tests); default: run until Ctrl-C")
+    s.add_argument("--cull-idle", type=float, default=60.0, metavar="SECONDS",
+                   help="shut down a kernel whose page was closed or reloaded after this many idle seconds "
+                        "(default: %(default)s)")
+    s.add_argument("--pool-size", type=int, default=1,
+                   help="kernels kept preheated (the app already run) so a page opens in about a second; 0 "
+                        "starts each page's kernel on demand (10-15 s, less memory) (default: %(default)s)")
 
     d = sub.add_parser("demo", parents=[common, serve], formatter_class=fmt,
                        help="build (or reuse) the digits demo and serve the explorer (or --headless: write a report)",
@@ -160,10 +165,14 @@ def _build(args, until: str = "index"):
                       threads=_threads(args), rebuild=args.rebuild, until=until)
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def _summary(art) -> str:
     info = art.info
     parts = [f"{k}: {'reused' if v['reused'] else 'built'} in {v['seconds']:.1f} s" for k, v in info["steps"].items()]
-    return (f"config {info['config']} · cache {info['cache_dir']} · {info['threads']} threads · device "
+    return (f"config {info['config']} · cache {info['cache_dir']} · {threads_text(info['threads'])} · device "
             f"{info['device']}\n  " + "\n  ".join(parts) + f"\n  total {info['total_seconds']:.1f} s")
 
 
@@ -185,70 +194,92 @@ def cmd_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if not args.headless:
+        return _serve_demo(args)
     art = _build(args, "index")
     print(_summary(art))
-    if args.headless:
-        out = args.report_dir or (art.cache_dir / "report")
-        paths = write_report(art, out, num_queries=args.num_queries, k=args.k)
-        print(f"report: {paths['html']}")
-        print(f"        {paths['png']}")
-        return 0
-    return _serve(args, art.config.name, art.cache_dir)
+    out = args.report_dir or (art.cache_dir / "report")
+    paths = write_report(art, out, num_queries=args.num_queries, k=args.k)
+    print(f"report: {paths['html']}")
+    print(f"        {paths['png']}")
+    return 0
 
 
 def cmd_serve(args) -> int:
-    art = _build(args, "index")  # reuses the cache (seconds) or builds it; the app then only loads
-    print(_summary(art))
-    return _serve(args, art.config.name, art.cache_dir)
+    return _serve_demo(args)
+
+
+def _serve_demo(args) -> int:
+    """Check the port, make sure the cache is complete (building it in a child process when it is not), then
+    serve. This process never loads the backend: only Voila's kernels do."""
+    from .demo import default_cache_dir, demo_config
+    from .serving import ServeError, check_port, stop_process_tree, stop_signals
+
+    threads = _threads(args)
+    if args.pool_size < 0:
+        raise SystemExit(f"diffinfluence: --pool-size must be 0 or more, got {args.pool_size}")
+    if not args.cull_idle > 0:
+        raise SystemExit(f"diffinfluence: --cull-idle must be positive seconds, got {args.cull_idle}")
+    try:
+        check_port(args.port)  # before anything slow
+    except ServeError as e:
+        print(f"diffinfluence: {e}", file=sys.stderr)
+        return 2
+    cfg = demo_config(args.config)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(cfg)
+    # the check needs torch (the settings digest) and a build needs everything: both run in a child process
+    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", cfg.name, str(cache_dir), "--threads", str(threads)]
+    cmd += (["--rebuild"] if args.rebuild else []) + (["--quiet"] if args.quiet else [])
+    cmd += ["--device", args.device] if args.device else []
+    child = subprocess.Popen(cmd, start_new_session=True)
+    code = None
+    with stop_signals():
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:
+                stop_process_tree(child)
+    if code is None:
+        return 130
+    if code != 0:
+        return code
+    return _serve(args, cfg.name, cache_dir)
 
 
 def _serve(args, config: str, cache_dir: Path) -> int:
     from .app import write_app_notebook
+    from .serving import ServeError, VoilaServer, stop_signals
 
-    nb = write_app_notebook(Path(cache_dir) / "app" / "explorer.ipynb", config=config,
-                            cache_dir=str(Path(cache_dir).resolve()), threads=args.threads)
-    url = f"http://127.0.0.1:{args.port}/"
-    cmd = [sys.executable, "-m", "voila", str(nb), "--no-browser", "--Voila.ip=127.0.0.1", f"--port={args.port}",
-           "--Voila.port_retries=0", "--show_tracebacks=True",
-           # Notebook 7's lab extension cannot load inside Voila: leave it out
-           "--VoilaConfiguration.extension_denylist=['@jupyter-notebook/lab-extension']"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    print(f"starting Voila on {url} …", flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                print(f"diffinfluence: Voila exited with code {proc.returncode} (is port {args.port} in use? "
-                      "try --port)", file=sys.stderr)
-                return proc.returncode or 1
-            try:
-                with urllib.request.urlopen(f"{url}voila/templates/lab/static/voila.js", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    print("diffinfluence: Voila did not come up within 120 s", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-        print(f"\n  The explorer is ready: {url}\n  (Ctrl-C to stop)\n", flush=True)
-        if args.exit_after is not None:
-            try:
-                proc.wait(timeout=args.exit_after)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # Voila shuts its kernels down on SIGTERM
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return 0
+    app_dir = Path(cache_dir) / "app"
+    nb = write_app_notebook(app_dir / "explorer.ipynb", config=config, cache_dir=str(Path(cache_dir).resolve()),
+                            threads=args.threads)
+    server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
+                         cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
+    print(f"starting Voila on http://127.0.0.1:{args.port}/ "
+          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}) …", flush=True)
+    stopped = True
+    with stop_signals():
+        try:
+            server.start()
+            server.wait_ready()
+            print(f"\n  The explorer is ready: {server.url}\n"
+                  f"  (the token in the URL is this server's password; Ctrl-C to stop)\n"
+                  f"  On a remote machine: ssh -L {args.port}:127.0.0.1:{args.port} <user>@<host>, then open "
+                  "the URL above locally.\n", flush=True)
+            if args.exit_after is not None:
+                try:
+                    server.proc.wait(timeout=args.exit_after)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                server.proc.wait()
+            stopped = server.proc.poll() is None or server.proc.returncode in (0, -signal.SIGTERM)
+        except ServeError as e:
+            print(f"diffinfluence: {e}", file=sys.stderr)
+            stopped = False
+        finally:
+            server.stop()
+    return 0 if stopped else 1
 
 
 def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:

@@ -390,7 +390,8 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
             model, meta = None, None
     if model is None:
         log(f"step 1/3: training the {cfg.name!r} UNet on {len(train)} digits ({cfg.image_size}×{cfg.image_size}, "
-            f"{cfg.train_config().steps} steps, {torch.get_num_threads()} threads)")
+            f"{cfg.train_config().steps} steps, {torch.get_num_threads()} "
+            f"thread{'' if torch.get_num_threads() == 1 else 's'})")
         init = DiffusionModel.from_config(cfg.unet_config(), seed=cfg.model_seed).to(dev, torch.float32)
         model = _resumable(lambda ck: train_model(init, train, cfg.train_config(), device=dev, progress=progress,
                                                   checkpoint_dir=ck),

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..backend import PreparedQuery, SearchResult
 from ..config import IndexConfig, IndexKind, StoreConfig, StoreSpace, check_damping, split_settings
@@ -153,7 +154,9 @@ class IndexBackend:
 
         # ---- queries: held-out images, then generated samples (with trajectories)
         self._queries = QueryBook(model, heldout, self.cache_dir, device=device)
-        for s in range(cfg.num_generated):
+        # sampling the generated queries is the last long part of a build: a bar
+        for s in tqdm(range(cfg.num_generated), desc="generated queries", unit="sample",
+                      disable=not (progress and cfg.num_generated)):
             self.generate_query(s)
         self._map2d: np.ndarray | None = None
         self._grad_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}

@@ -112,7 +112,7 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
     mine = list(range(rank, num_shards, world))
     todo = [s for s in mine if not _shard_done(root, s, head)]
     bar = tqdm(total=sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine),
-               desc=f"store {root.name}" + (f" [rank {rank}]" if world > 1 else ""), unit="img",
+               desc=f"training gradients ({root.name.rsplit('-', 1)[0]})" + (f" [rank {rank}]" if world > 1 else ""), unit="img",
                disable=not progress)
     bar.update(sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine if s not in todo))
     for s in todo:

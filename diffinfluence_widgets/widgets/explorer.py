@@ -22,7 +22,8 @@ __all__ = ["InfluenceExplorer"]
 class InfluenceExplorer(W.VBox):
     """The whole explorer. ``InfluenceExplorer(backend)`` or ``InfluenceExplorer(session=...)``.
 
-    ``plot_debounce_s``: the plots redraw that long after the last change (the gallery always updates at once).
+    ``export_folder``: where the Export tab also saves a copy on the server (default: nowhere; exports are
+    browser downloads). ``plot_debounce_s``: the plots redraw that long after the last change (the gallery always updates at once).
     ``status=True`` adds a small line written by Python after each gallery update (request id, settings, shown
     ids); ``check_backend=True`` also writes ``backend.search`` (or ``backend.refine`` for a refined, exact answer)
     at the exact same settings, computed directly (not through the session), so a browser test can compare it with
@@ -33,7 +34,7 @@ class InfluenceExplorer(W.VBox):
 
     def __init__(self, backend: InfluenceBackend | None = None, *, session: AttributionSession | None = None,
                  status: bool = True, check_backend: bool = False, page_size: int = 12,
-                 plot_debounce_s: float = 0.15, **session_kwargs):
+                 plot_debounce_s: float = 0.15, export_folder=None, **session_kwargs):
         if session is None:
             if backend is None:
                 raise TypeError("InfluenceExplorer needs a backend or a session")
@@ -62,9 +63,10 @@ class InfluenceExplorer(W.VBox):
         self.distribution = ScoreDistribution(s, active=True, debounce_s=db)
         self.sweep = RankStability(s, active=False, debounce_s=db)
         self.bands = BandProfile(s, active=False, debounce_s=db)
-        self.map = GradientMap(s, on_select=self.gallery.select, active=False, debounce_s=db)
+        self.map = GradientMap(s, on_select=self.gallery.select, on_hover=self.gallery.preview,
+                               on_lasso=self.gallery.choose, active=False, debounce_s=db)
         self.compare = CompareView(s, active=False)
-        self.export = ExportPanel(s)
+        self.export = ExportPanel(s, folder=export_folder)
         self._views = [self.distribution, self.sweep, self.bands, self.map, self.compare, None]
         self.tabs = W.Tab(children=[self.distribution, self.sweep, self.bands, self.map, self.compare, self.export],
                           titles=self.TABS)

@@ -233,11 +233,13 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     H.screenshot(page, "voila-05b-bands", ".dinf-plot-bands")
     # the 2-D map: click a highlighted proponent -> the gallery shows it (linked selection)
     page.click(".dinf-tabs .lm-TabBar-tab:has-text('Gradient map')")
-    pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(2) path.point"
+    # traces: one per class, then the top-k proponents, the top-k opponents and the selected image (last)
+    pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-last-of-type(3) path.point"
     page.wait_for_selector(pts, state="visible", timeout=90_000)
     page.locator(".dinf-plot-map .js-plotly-plot").scroll_into_view_if_needed()
+    # pinned by the click (a hover only previews the image, unpinned)
     zoom_shown = ("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
-                  " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+                  " return z && !z.hidden && z.dataset.pinned === '1' && /training image \\d+/.test(z.textContent); }")
     for attempt in range(4):
         # plotly hit-tests through hover; a redraw between hover and click can swallow the click: retry
         box = stable_box(page, page.locator(pts).nth(attempt))
@@ -260,7 +262,11 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
                 raise
     zid = int(page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id"))
     assert zid in set(int(i) for i in backend.train_ids)
-    page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(4) path.point")
+    page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:last-of-type path.point")
+    assert "principal direction" in page.locator(".dinf-plot-map .xtitle").first.text_content()
+    # hovering another point previews it in the gallery's larger view only while nothing is pinned: pinned here
+    zoom_text = page.inner_text(f"{H.GALLERY} .dinf-zoom-text")
+    assert f"training image {zid}" in zoom_text
     H.screenshot(page, "voila-05-map-selection", ".dinf-plot-map")
     # compare mode
     page.click(".dinf-tabs .lm-TabBar-tab:has-text('Compare')")
