@@ -105,7 +105,8 @@ class EvaluationSettings:
 @dataclass
 class Evaluation:
     """What :func:`evaluate` returns: per-(method, λ) LDS results (with per-query values and bootstrap intervals),
-    paired differences, the counterfactual rows, and the raw material (subsets, targets, scores)."""
+    paired differences, the counterfactual rows, and the raw material (subsets, targets, scores, the full-data
+    model and the generated queries)."""
 
     settings: EvaluationSettings
     subsets: Subsets
@@ -118,6 +119,8 @@ class Evaluation:
     counterfactual: list[dict] = field(default_factory=list)
     counterfactual_base_loss: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    model: DiffusionModel | None = None  # the full-data model the scores are computed with
+    query_images: torch.Tensor | None = None
 
     def at(self, name: str, damping: float | str | None) -> float | None:
         """The computed λ nearest (in log) to ``damping``; ``"best"`` / None: the best LDS."""
@@ -204,7 +207,7 @@ def evaluate(model: DiffusionModel | dict, train: ImageDataset, train_config: Tr
         scores.scores[name], scores.absolute[name], scores.scale[name], scores.damping_mode[name] = \
             {None: mat}, {None: None}, None, None
     lap("scores", t0)
-    ev = Evaluation(s, subsets, targets, q_ids, orc, scores, timings=timings)
+    ev = Evaluation(s, subsets, targets, q_ids, orc, scores, timings=timings, model=trained, query_images=q_images)
     t0 = time.time()
     for name in scores.methods:
         ev.results[name] = {lam: lds(mat, subsets, targets, q_ids, bootstrap=s.bootstrap, bootstrap_seed=s.seed)
