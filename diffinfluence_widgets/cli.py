@@ -124,16 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report the LDS (Spearman between predicted and actual change, mean ± "
                                    "standard error over queries) of each method. Retraining dominates the time: "
                                    "subsets × seeds trainings of the config's model.")
-    e.add_argument("--num-subsets", type=int, default=None, help="random subsets M (default: 8 tiny, 16 demo)")
-    e.add_argument("--seeds", type=int, default=1, help="training seeds per subset K (default: %(default)s; ≥ 2 "
-                                                         "adds the exact-retraining oracle)")
-    e.add_argument("--num-queries", type=int, default=4, help="held-out queries (default: %(default)s)")
-    e.add_argument("--methods", default="ekfac,kfac,trak",
-                   help="comma-separated methods (default: %(default)s)")
-    e.add_argument("--measure-draws", type=int, default=128,
-                   help="(t, ε) draws when measuring the retrained models (default: %(default)s)")
-    e.add_argument("--workers", type=int, default=1, help="retraining processes (default: %(default)s)")
-    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation)")
+    e.add_argument("--num-subsets", type=int, default=None,
+                   help="random subsets M (default: 8 tiny, 16 demo; with --data: the preset's)")
+    e.add_argument("--seeds", type=int, default=None, help="training seeds per subset K (default: 1; ≥ 2 adds the "
+                                                            "exact-retraining oracle; with --data: the preset's)")
+    e.add_argument("--num-queries", type=int, default=None, help="queries (default: 4 held-out; with --data: the "
+                                                                  "preset's generated queries)")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: ekfac,kfac,trak; with --data: every method of the preset)")
+    e.add_argument("--measure-draws", type=int, default=None,
+                   help="(t, ε) draws when measuring the retrained models (default: 128; with --data: the preset's)")
+    e.add_argument("--workers", type=int, default=None, help="retraining processes (default: 1; with --data: the "
+                                                              "preset's)")
+    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation, "
+                                                           "with --data <cache-dir>/report)")
+    from .evaluation.command import add_data_arguments
+    add_data_arguments(e)
     e.set_defaults(func=cmd_evaluate)
     return p
 
@@ -311,6 +317,13 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from .evaluation import RetrainCache, generate_subsets, lds, lds_targets, oracle_lds
+    from .evaluation.command import DEMO_DEFAULTS, run_on_data
+
+    if args.data is not None:
+        return run_on_data(args)
+    for k, v in DEMO_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     art = _build(args, "index")

@@ -68,3 +68,38 @@ def test_evaluate_refuses_mismatched_model_and_data(tmp_path):
         evaluate(tiny_unet_config(8, 1), train.images, RECIPE, tmp_path / "cache", settings=TINY)
     with pytest.raises(ValueError, match="unknown methods"):
         EvaluationSettings(trak_methods=("TRAK2",))
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_tiny_image_folder_end_to_end(tmp_path, capsys):
+    from diffinfluence_widgets.cli import main
+
+    folder = _folder(tmp_path / "images")
+    argv = ["evaluate", "--data", str(folder), "--image-size", "8", "--unet-channels", "8,16", "--train-steps", "4",
+            "--batch-size", "8", "--num-subsets", "3", "--seeds", "2", "--num-queries", "4", "--measure-draws", "8",
+            "--grad-draws", "4", "--curvature-draws", "2", "--trak-dim", "16", "--cf-queries", "1",
+            "--cf-fractions", "0.25",
+            "--bootstrap", "50", "--methods", "kfac,dtrak,pixel", "--cache-dir", str(tmp_path / "cache"),
+            "--quiet", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### Paired comparisons" in out and "two-way bootstrap 95% interval" in out
+    report = tmp_path / "cache" / "report"
+    saved = json.loads((report / "results.json").read_text())
+    assert set(saved["sweeps"]) == {"K-FAC", "D-TRAK", "pixel"} and saved["image_size"] == 8
+    assert saved["settings"]["num_subsets"] == 3 and saved["settings"]["attribution"]["trak_dim"] == 16
+    assert all(p["bootstrap"]["num_resamples"] == 50 for p in saved["paired"]) and saved["paired"]
+    assert {r["method"] for r in saved["counterfactual"]} == {"K-FAC (λ=1e-8)", "D-TRAK", "random"}
+    assert (report / "damping_sweep.html").is_file()
+    bad = list(argv)
+    bad[bad.index("--methods") + 1] = "kfac,nope"
+    with pytest.raises(SystemExit, match="unknown methods"):
+        main(bad)
+
+
+def test_counterfactual_fractions_too_small_for_the_data_are_refused_before_training(tmp_path):
+    train = from_image_folder(_folder(tmp_path / "images", n=12))
+    s = EvaluationSettings.quick()  # removes 2% = 0 of 12 images
+    with pytest.raises(ValueError, match="removing 0.02 of 12 training images removes 0"):
+        evaluate(tiny_unet_config(8, 1), train, RECIPE, tmp_path / "cache", settings=s, progress=False)
+    assert not (tmp_path / "cache").exists()

@@ -161,6 +161,11 @@ def evaluate(model: DiffusionModel | dict, train: ImageDataset, train_config: Tr
     if not isinstance(train, ImageDataset):
         raise TypeError(f"train must be an ImageDataset (data.from_image_folder / from_arrays), got "
                         f"{type(train).__name__}")
+    if s.cf_methods and s.cf_queries:
+        for f in s.cf_fractions:
+            if not 0 < round(float(f) * len(train)) < len(train):
+                raise ValueError(f"cf_fractions: removing {f} of {len(train)} training images removes "
+                                 f"{round(float(f) * len(train))}; choose fractions that remove at least one")
     base = DiffusionModel.from_config(model, seed=0) if isinstance(model, dict) else model
     if base.image_shape != train.image_shape:
         raise ValueError(f"the model makes images of shape {base.image_shape}, the training set has "
