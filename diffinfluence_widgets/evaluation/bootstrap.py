@@ -77,25 +77,25 @@ def resample_indices(num_queries: int, num_subsets: int, num_resamples: int = 10
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman per row of two ``[Q, M]`` arrays (average ranks for ties); a constant row counts as 0, as in
-    :func:`.lds.lds`."""
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    """Spearman along the last axis of two ``[..., M]`` arrays (average ranks for ties); a constant row counts as
+    0, as in :func:`.lds.lds`."""
+    ra = rankdata(a, axis=-1)
+    rb = rankdata(b, axis=-1)
+    ra -= ra.mean(-1, keepdims=True)
+    rb -= rb.mean(-1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (ra * rb).sum(1) / den
+        rho = (ra * rb).sum(-1) / den
     return np.where(den > 0, rho, 0.0)
 
 
 def spearman_per_query(prediction: np.ndarray, target: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """A per-query statistic for :func:`bootstrap`: LDS of ``prediction [Q, M]`` against ``target [Q, M]``
-    (already averaged over seeds) on the subsets ``subset_idx``."""
+    (already averaged over seeds) on the subsets ``subset_idx`` ``[..., M]`` → ``[..., Q]``."""
     p, t = _qm(prediction), _qm(target)
     if p.shape != t.shape:
         raise ValueError(f"prediction {p.shape} and target {t.shape} must both be [num_queries, num_subsets]")
-    return lambda m: rowwise_spearman(p[:, m], t[:, m])
+    return lambda m: np.moveaxis(rowwise_spearman(p[:, m], t[:, m]), 0, -1)
 
 
 def oracle_per_query(targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -105,7 +105,8 @@ def oracle_per_query(targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         raise ValueError(f"the oracle needs targets [Q, M, K] with K >= 2 seeds, got shape {t.shape}")
     k = t.shape[2]
     rest = [np.delete(t, s, axis=2).mean(2) for s in range(k)]
-    return lambda m: np.mean([rowwise_spearman(t[:, m, s], rest[s][:, m]) for s in range(k)], axis=0)
+    return lambda m: np.moveaxis(np.mean([rowwise_spearman(t[:, m, s], rest[s][:, m]) for s in range(k)], axis=0),
+                                 0, -1)
 
 
 def bootstrap(stats: Sequence[Callable[[np.ndarray], np.ndarray]], weights: Sequence[float], num_queries: int,
@@ -113,8 +114,9 @@ def bootstrap(stats: Sequence[Callable[[np.ndarray], np.ndarray]], weights: Sequ
               over: Sequence[str] = BOOTSTRAP_OVER) -> Interval:
     """Interval of ``Σ_i weights[i] · mean_q stats[i](subsets)[q]`` under resampling of queries and/or subsets.
 
-    Each ``stats[i]`` maps subset indices ``[M]`` to per-query values ``[Q]``; the same draw is used for all of
-    them (paired). One statistic with weight 1 is an LDS; two with weights (1, −1) a paired difference.
+    Each ``stats[i]`` maps subset indices ``[..., M]`` to per-query values ``[..., Q]``; the same draw is used
+    for all of them (paired). One statistic with weight 1 is an LDS; two with weights (1, −1) a paired difference.
+    Resamples are evaluated in blocks (one rank computation per block), so B = 1000 costs little.
     """
     over = _check_over(over)
     if not 0 < float(level) < 1:
@@ -122,9 +124,13 @@ def bootstrap(stats: Sequence[Callable[[np.ndarray], np.ndarray]], weights: Sequ
     ident = np.arange(num_subsets)
     estimate = float(sum(w * f(ident).mean() for f, w in zip(stats, weights)))
     qi, mi = resample_indices(num_queries, num_subsets, num_resamples, seed=seed, over=over)
-    vals = np.empty(qi.shape[0])
-    for b in range(qi.shape[0]):
-        vals[b] = sum(w * f(mi[b])[qi[b]].mean() for f, w in zip(stats, weights))
+    vals = np.zeros(qi.shape[0])
+    block = max(1, 200_000 // max(1, num_queries * num_subsets))
+    for lo in range(0, qi.shape[0], block):
+        sl = slice(lo, lo + block)
+        for f, w in zip(stats, weights):
+            per_query = f(mi[sl])  # [b, Q]
+            vals[sl] += w * np.take_along_axis(per_query, qi[sl], axis=1).mean(1)
     alpha = (1 - float(level)) / 2
     lo, hi = np.quantile(vals, [alpha, 1 - alpha])
     return Interval(estimate, float(lo), float(hi), float(vals.std(ddof=1)), float(level), int(qi.shape[0]), over)
