@@ -12,6 +12,9 @@ Every command takes ``--config {demo,tiny}``, ``--cache-dir``, ``--device`` and 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import io
 import json
 import os
 import signal
@@ -20,6 +23,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+# The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
+# which must happen before torch (and its OpenMP runtime) is loaded; `diffinfluence --help` stays fast as well.
 
 __all__ = ["main", "build_parser"]
 
@@ -46,6 +52,37 @@ def _default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+#: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
+_DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
+
+
+def _add_data_arguments(e: argparse.ArgumentParser) -> None:
+    """The ``--data`` options of ``diffinfluence evaluate``."""
+    g = e.add_argument_group("your own data (--data): the digits benchmark's protocol on an image folder")
+    g.add_argument("--data", type=Path, default=None, metavar="FOLDER",
+                   help="an image folder (png/jpg/bmp/webp, recursively; one sub-folder per class gives labels): "
+                        "evaluate every method on it instead of the demo")
+    g.add_argument("--image-size", type=int, default=16, help="resize images to this square size (default: "
+                                                               "%(default)s)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 grey, 3 RGB (default: from files)")
+    g.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="protocol sizes: 'quick' (M=12, K=2, 64 queries) or 'full' (M=40, K=3, 48 queries); "
+                        "the size flags override them (default: %(default)s)")
+    g.add_argument("--unet-channels", default="8,16", help="UNet block widths (default: %(default)s)")
+    g.add_argument("--train-steps", type=int, default=400, help="steps per (re)trained model (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default: %(default)s)")
+    g.add_argument("--fraction", type=float, default=None, help="share of the training set each subset keeps")
+    g.add_argument("--grad-draws", type=int, default=None, help="(t, ε) draws per per-example gradient")
+    g.add_argument("--curvature-draws", type=int, default=None, help="(t, ε) draws per image in the curvature")
+    g.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension")
+    g.add_argument("--cf-queries", type=int, default=None, help="queries of the counterfactual retraining (0: skip)")
+    g.add_argument("--cf-fractions", default=None, help="comma-separated shares removed per query (default: "
+                                                         "0.02,0.1)")
+    g.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import CACHE_ENV, DEMO_CONFIGS
 
@@ -138,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "preset's)")
     e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation, "
                                                            "with --data <cache-dir>/report)")
-    from .evaluation.command import add_data_arguments
-    add_data_arguments(e)
+    _add_data_arguments(e)
     e.set_defaults(func=cmd_evaluate)
     return p
 
@@ -254,10 +290,6 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     """A static report of the demo: for a few queries (generated first, then held-out) the top-k proponents and
     opponents at the default settings (EK-FAC, loss, λ = 1e-8), as HTML / PNG cards plus CSV / JSON; an index
     ``report.html`` and a stacked ``report.png``."""
-    import base64
-    import html
-    import io
-
     from PIL import Image
 
     from .backend import SIGN_CONVENTION
@@ -313,72 +345,24 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-    import torch
-
-    from .evaluation import RetrainCache, generate_subsets, lds, lds_targets, oracle_lds
-    from .evaluation.command import DEMO_DEFAULTS, run_on_data
+    from .evaluation.command import run_on_data
+    from .evaluation.run import evaluate_methods, lds_table
 
     if args.data is not None:
         return run_on_data(args)
-    for k, v in DEMO_DEFAULTS.items():
+    for k, v in _DEMO_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     art = _build(args, "index")
-    backend, cfg, train = art.backend, art.config, art.train
-    bad = [m for m in methods if m not in backend.methods or m in ("journey_trak",)]
-    if bad:
-        raise SystemExit(f"diffinfluence evaluate: unknown or unsupported methods {bad}; choose from "
-                         f"{[m for m in backend.methods if m != 'journey_trak']}")
-    if args.num_queries < 1 or args.seeds < 1 or args.workers < 1:
-        raise SystemExit("diffinfluence evaluate: --num-queries, --seeds and --workers must be positive")
-    m_subsets = args.num_subsets or (8 if cfg.name == "tiny" else 16)
-    heldout = art.heldout
-    q = min(args.num_queries, len(heldout))
-    qids = [int(i) for i in torch.as_tensor(heldout.ids)[:q].tolist()]
-    qimages = heldout.images[:q]
-    out = args.out or (art.cache_dir / "evaluation")
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    scores = {}
-    for m in methods:
-        damping = backend.default_damping[m]
-        scores[m] = np.stack([backend.scores(backend.prepare(i, "loss", m, None), damping) for i in qids])
-    t_scores = time.perf_counter() - t0
-    subsets = generate_subsets(np.asarray(train.ids), m_subsets, fraction=0.5, seed=0)
-    cache = RetrainCache(art.cache_dir / "retrain", art.model, train, cfg.train_config())
-    seeds = list(range(args.seeds))
-    print(f"retraining {m_subsets} subsets × {len(seeds)} seeds of the {cfg.name!r} model "
-          f"({cfg.train_config().steps} steps each; cached in {cache.root}) …", flush=True)
-    t1 = time.perf_counter()
-    targets = lds_targets(cache, subsets, seeds, qimages, qids, measurement="loss", num_draws=args.measure_draws,
-                          num_workers=args.workers, device=args.device, progress=not args.quiet)
-    t_retrain = time.perf_counter() - t1
-    rows = []
-    for m in methods:
-        res = lds(scores[m], subsets, targets, query_ids=qids)
-        rows.append({"method": m, "damping": backend.default_damping[m], "lds_mean": res.mean, "lds_sem": res.sem,
-                     "per_query": res.per_query.tolist()})
-    if len(seeds) >= 2:
-        res = oracle_lds(targets, query_ids=qids)
-        rows.append({"method": "oracle (retraining)", "damping": None, "lds_mean": res.mean, "lds_sem": res.sem,
-                     "per_query": res.per_query.tolist()})
-    print(f"\nLDS on {q} held-out queries, {m_subsets} subsets (α = 0.5), {len(seeds)} seed(s), measurement: loss")
-    print(f"{'method':<22}{'damping':>10}{'LDS (%)':>16}")
-    for r in rows:
-        d = "" if r["damping"] is None else f"{r['damping']:.0e}"
-        sem = "" if not np.isfinite(r["lds_sem"]) else f" ± {100 * r['lds_sem']:.1f}"
-        print(f"{r['method']:<22}{d:>10}{100 * r['lds_mean']:>10.1f}{sem}")
-    result = {"config": cfg.name, "num_subsets": m_subsets, "seeds": seeds, "query_ids": qids,
-              "measure_draws": args.measure_draws, "rows": rows,
-              "seconds": {"scores": round(t_scores, 2), "retrain_and_measure": round(t_retrain, 2)}}
-    path = out / "lds.json"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    try:
+        result, path = evaluate_methods(art, methods, num_queries=args.num_queries, num_subsets=args.num_subsets,
+                                        seeds=args.seeds, workers=args.workers, measure_draws=args.measure_draws,
+                                        device=args.device, out=args.out, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"diffinfluence evaluate: {e}") from None
+    print("\n" + lds_table(result))
     print(f"\nwrote {path}")
     return 0
 

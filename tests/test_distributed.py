@@ -28,7 +28,7 @@ def _setup():
 
 
 def _build(out: Path, *, with_curvature: bool = True):
-    from diffinfluence_widgets.index import build_gradient_store
+    from diffinfluence_widgets.store import build_gradient_store
     from diffinfluence_widgets.influence.curvature import fit_curvature
 
     model, train, proj = _setup()
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_two_process_gloo_build_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from diffinfluence_widgets.index import ProjectedStore
+    from diffinfluence_widgets.store import ProjectedStore
     from diffinfluence_widgets.influence.curvature import Curvature
 
     two = tmp_path / "two"

@@ -28,7 +28,8 @@ import torch
 
 from ..data import ImageDataset, as_id_tensor
 from ..diffusion.model import DiffusionModel
-from ..influence.curvature import Curvature, check_damping, fit_curvature
+from ..config import check_damping
+from ..influence.curvature import Curvature, fit_curvature
 from ..influence.gradients import LayerGradients, per_example_gradients
 from ..influence.projection import layer_shapes_of, make_projector
 from ..influence.scores import Scores

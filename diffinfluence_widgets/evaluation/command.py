@@ -1,6 +1,7 @@
 """``diffinfluence evaluate --data FOLDER``: the digits benchmark's protocol on any image folder.
 
-The command line's evaluate subcommand calls :func:`run_on_data` when ``--data`` is given: it reads the folder
+The command line's evaluate subcommand (its ``--data`` options are defined in ``cli.py``, which imports no
+package module before ``--threads`` is applied) calls :func:`run_on_data` when ``--data`` is given: it reads the folder
 (:func:`~diffinfluence_widgets.data.from_image_folder`, resized to ``--image-size``), builds the UNet from
 ``--unet-channels`` and the training recipe from ``--train-steps`` / ``--batch-size`` / ``--lr`` / ``--ema-decay``,
 takes the protocol's sizes from ``--preset`` (``quick`` or ``full``, :class:`.benchmark.EvaluationSettings`) and
@@ -10,7 +11,6 @@ bootstrap interval for every paired difference.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -22,43 +22,12 @@ from .attribution import METHODS
 from .benchmark import EvaluationSettings, evaluate
 from .report import tables, write_report
 
-__all__ = ["add_data_arguments", "run_on_data", "METHOD_ALIASES", "DEMO_DEFAULTS"]
+__all__ = ["run_on_data", "METHOD_ALIASES"]
 
 #: the command line's short method names (as the demo's backend spells them) -> :data:`.attribution.METHODS`
 METHOD_ALIASES = {"kfac": "K-FAC", "ekfac": "EK-FAC", "kfac_loss": "K-FAC GGN^loss", "ekfac_loss": "EK-FAC GGN^loss",
                   "kfac_reduce": "K-FAC reduce", "kfac_reduce_loss": "K-FAC reduce GGN^loss", "trak": "TRAK",
                   "dtrak": "D-TRAK", "d_trak": "D-TRAK", "pixel": "pixel", "pixel_centred": "pixel (centred)"}
-#: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
-DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
-
-
-def add_data_arguments(e: argparse.ArgumentParser) -> None:
-    """The ``--data`` options of ``diffinfluence evaluate``."""
-    g = e.add_argument_group("your own data (--data): the digits benchmark's protocol on an image folder")
-    g.add_argument("--data", type=Path, default=None, metavar="FOLDER",
-                   help="an image folder (png/jpg/bmp/webp, recursively; one sub-folder per class gives labels): "
-                        "evaluate every method on it instead of the demo")
-    g.add_argument("--image-size", type=int, default=16, help="resize images to this square size (default: "
-                                                               "%(default)s)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 grey, 3 RGB (default: from files)")
-    g.add_argument("--preset", choices=("quick", "full"), default="quick",
-                   help="protocol sizes: 'quick' (M=12, K=2, 64 queries) or 'full' (M=40, K=3, 48 queries); "
-                        "the size flags override them (default: %(default)s)")
-    g.add_argument("--unet-channels", default="8,16", help="UNet block widths (default: %(default)s)")
-    g.add_argument("--train-steps", type=int, default=400, help="steps per (re)trained model (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default: %(default)s)")
-    g.add_argument("--fraction", type=float, default=None, help="share of the training set each subset keeps")
-    g.add_argument("--grad-draws", type=int, default=None, help="(t, ε) draws per per-example gradient")
-    g.add_argument("--curvature-draws", type=int, default=None, help="(t, ε) draws per image in the curvature")
-    g.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension")
-    g.add_argument("--cf-queries", type=int, default=None, help="queries of the counterfactual retraining (0: skip)")
-    g.add_argument("--cf-fractions", default=None, help="comma-separated shares removed per query (default: "
-                                                         "0.02,0.1)")
-    g.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: 1000)")
-
-
 def _settings(args) -> EvaluationSettings:
     base = EvaluationSettings.quick() if args.preset == "quick" else EvaluationSettings.full()
     kw = {}

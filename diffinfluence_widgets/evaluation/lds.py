@@ -34,6 +34,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .bootstrap import BOOTSTRAP_OVER, Interval, bootstrap_lds
+from .retrain import RetrainJob
 
 __all__ = [
     "Subsets", "LDSResult", "generate_subsets", "predicted_changes", "spearman", "lds", "oracle_lds",
@@ -284,8 +285,6 @@ def lds_jobs(subsets: Subsets, seeds: Sequence[int]) -> list:
     Seed k is shared by every subset, so models of different subsets differ by their data and not by their
     initialisation or noise draws (common random numbers in training, too).
     """
-    from .retrain import RetrainJob
-
     seeds = [int(s) for s in seeds]
     return [RetrainJob(tuple(subsets.kept_ids(m).tolist()), s, tag=f"lds/m{m:03d}/seed{s}")
             for m in range(len(subsets)) for s in seeds]
