@@ -123,7 +123,7 @@ def test_bad_input_is_refused_where_it_enters(setup):
         attribute(model, train, q, methods=["KFAC"], settings=S)
     with pytest.raises(ValueError, match="damping must be one of"):
         attribute(model, train, q, methods=["pixel"], damping="percent", settings=S)
-    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"damping must be a positive finite number \(λ > 0\), got 0.0"):
         attribute(model, train, q, methods=["pixel"], dampings=[0.0], settings=S)
     with pytest.raises(TypeError, match="train must be an ImageDataset"):
         attribute(model, train.images, q, methods=["pixel"], settings=S)
