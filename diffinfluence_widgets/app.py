@@ -6,8 +6,9 @@ ships the default version as ``notebooks/explorer_app.ipynb`` (Binder's Voila li
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ._io import atomic_write_text
 
 __all__ = ["app_notebook", "write_app_notebook", "APP_TITLE"]
 
@@ -59,9 +60,5 @@ def write_app_notebook(path: str | Path, config: str | None = None, cache_dir: s
     """Write :func:`app_notebook` to ``path`` (atomically)."""
     import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp-{p.name}-{os.getpid()}")
-    nbformat.write(app_notebook(config, cache_dir, threads), str(tmp))
-    os.replace(tmp, p)
-    return p
+    text = nbformat.writes(app_notebook(config, cache_dir, threads))
+    return atomic_write_text(Path(path), text if text.endswith("\n") else text + "\n")  # as nbformat.write

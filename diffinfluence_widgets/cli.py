@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache folder of this config (default: ${CACHE_ENV}/<config> or "
                         "./diffinfluence-cache/<config>); a second run reuses it")
     g.add_argument("--rebuild", action="store_true",
-                   help="delete the cache folder and build from scratch (also the way out of a cache built for "
-                        "another config or other settings)")
+                   help="delete the demo's files in the cache folder (those its manifest lists; nothing else) and "
+                        "build from scratch (also the way out of a cache built for another config); a folder "
+                        "that is not a demo cache is never deleted")
     g.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1' … (default: CUDA when available)")
     g.add_argument("--threads", type=int, default=_default_threads(),
                    help="torch CPU threads (default: $DIFFINFLUENCE_THREADS, else the idle cores now, 1 to 4: "
@@ -292,6 +293,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     ``report.html`` and a stacked ``report.png``."""
     from PIL import Image
 
+    from ._io import atomic_write, atomic_write_text
     from .backend import SIGN_CONVENTION
     from .session import AttributionSession
 
@@ -303,9 +305,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     sections, cards = [], []
     for q in queries:
         session.update(query_id=q.id)
-        r = session.result
-        if r is None:
-            raise RuntimeError(f"no result for query {q.id}: {session.error}")
+        r = session.current_result()  # never a previous query's result after a failure
         stem = f"query{q.id}_{r.measurement}_{r.method}"
         for suffix in (".csv", ".json", ".html", ".png"):
             session.export(out / f"{stem}{suffix}")
@@ -328,19 +328,15 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
             f"EK-FAC (K-FAC-expand, GGN<sup>model</sup>), measurement: loss, damping 1e-8.</p>"
             f"<p><em>{html.escape(SIGN_CONVENTION)}</em></p><ul>{steps}</ul>{''.join(sections)}</body></html>")
     html_path, png_path = out / "report.html", out / "report.png"
-    tmp = html_path.with_name(f".tmp-{html_path.name}")
-    tmp.write_text(page)
-    os.replace(tmp, html_path)
+    atomic_write_text(html_path, page)
     width = max(c.width for c in cards)
     sheet = Image.new("RGB", (width, sum(c.height for c in cards)), "white")
     y = 0
     for c in cards:
         sheet.paste(c, (0, y))
         y += c.height
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
-    (out / "demo_info.json").write_text(json.dumps(info, indent=1))
+    atomic_write(png_path, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write_text(out / "demo_info.json", json.dumps(info, indent=1))
     return {"html": html_path, "png": png_path, "queries": [q.id for q in queries]}
 
 

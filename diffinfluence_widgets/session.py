@@ -44,6 +44,13 @@ THUMB_SIZE = 64
 
 
 # ----------------------------------------------------------------------------------------------- session
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings in one canonical form (a band as a list), so a result's settings compare with the session's."""
+    out = dict(settings)
+    out["band"] = list(out["band"]) if out.get("band") else None
+    return out
+
+
 class AttributionSession(traitlets.HasTraits):
     """Current query and settings → top-k proponents / opponents, observable through traitlets.
 
@@ -449,11 +456,26 @@ class AttributionSession(traitlets.HasTraits):
             raise ValueError(f"cannot export to {path.name!r}: use a .csv, .json, .html or .png file name")
         return path
 
-    def _need_result(self) -> InfluenceResult:
+    @property
+    def result_is_current(self) -> bool:
+        """Whether :attr:`result` answers the current settings (after a failed request it does not: it is stale)."""
         r = self.result
-        if r is None:
-            raise RuntimeError("no result yet: pick a query (and wait for the session) before exporting")
-        return r
+        return r is not None and _comparable(r.settings) == _comparable(self.settings)
+
+    def current_result(self) -> InfluenceResult:
+        """The result for the current settings, or a ``RuntimeError`` saying why there is none. A stale result (the
+        last request failed, or a newer one is still running) is never passed off as the current one."""
+        if self.result_is_current:
+            return self.result
+        want = _comparable(self.settings)
+        why = (f"the last request failed ({self.error})" if self.error else
+               "it is still being computed (session.wait())" if self.busy else "none was computed yet")
+        held = "" if self.result is None else f"; the result held is for {_comparable(self.result.settings)}"
+        raise RuntimeError(f"no result {'yet ' if self.result is None else ''}for the current settings {want}: "
+                           f"{why}{held}")
+
+    def _need_result(self) -> InfluenceResult:
+        return self.current_result()
 
     def html_card(self) -> str:
         """A self-contained HTML card of the current result (images embedded: a file, not a widget message)."""

@@ -55,7 +55,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "COMMAND" in p.stderr
     (tmp_path / "notes.txt").write_text("not a cache")
     p = run("build", "--config", "tiny", "--cache-dir", str(tmp_path), "--threads", "1", check=False)
-    assert p.returncode == 2 and "cannot be used" in p.stderr and (tmp_path / "notes.txt").exists()
+    assert p.returncode == 2 and "is not a demo cache" in p.stderr and (tmp_path / "notes.txt").exists()
+    assert "--rebuild" not in p.stderr  # rebuilding would not help: nothing here may be deleted
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ of the negated query. Sign convention: a **positive** score means removing the t
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -181,8 +182,8 @@ class IndexBackend:
             try:
                 return ProjectedStore.open(path, model=self.model, dataset=self.train, expect=settings)
             except StoreError as e:
-                if self.progress:
-                    print(f"store {path} is unusable ({e}); rebuilding / resuming it")
+                warnings.warn(f"store {path} is unusable ({e}); rebuilding / resuming it", RuntimeWarning,
+                              stacklevel=2)
         feat = store_feature_fn(self.projector)
         eig = store_feature_fn(self.projector, space=StoreSpace.EIGEN, curvature=self.curvature,
                                whiten_damping=self.whiten_damping) if with_eigen else None

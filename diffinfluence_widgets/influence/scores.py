@@ -12,27 +12,26 @@ streamed in batches and never stored.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..diffusion.model import DiffusionModel
 from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, get_measurement
-from .._io import atomic_write as _atomic_write
+from .._io import CorruptArtifactError, atomic_write_json, load_safetensors, save_safetensors
 from ..config import DEFAULT_KFAC_DAMPING, check_damping
-from .curvature import Curvature, read_manifest
+from .artifacts import read_manifest
+from .curvature import Curvature
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
 
 SIGN_CONVENTION = ("s[q, j] > 0: removing training example j is predicted to increase the query's measurement "
                    "(for the loss: j supports the query, a proponent); s[q, j] < 0: an opponent.")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the payload's SHA-256
 
 
 @dataclass
@@ -93,12 +92,12 @@ class Scores:
              "train_ids": self.train_ids.cpu().contiguous()}
         if self.band_matrix is not None:
             t["band_matrix"] = self.band_matrix.double().cpu().contiguous()
-        _atomic_write(p / "scores.safetensors", lambda tmp: save_file(t, tmp))
+        digest = save_safetensors(p / "scores.safetensors", t)
         man = {"format": "diffinfluence-scores", "version": FORMAT_VERSION, "settings": self.settings,
                "bands": self.bands, "model_fingerprint": self.model_fingerprint,
-               "dataset_fingerprint": self.dataset_fingerprint, "sign_convention": SIGN_CONVENTION}
-        body = json.dumps(man, indent=2, sort_keys=True)
-        _atomic_write(p / "manifest.json", lambda tmp: Path(tmp).write_text(body))
+               "dataset_fingerprint": self.dataset_fingerprint, "sign_convention": SIGN_CONVENTION,
+               "sha256": {"scores.safetensors": digest}}
+        atomic_write_json(p / "manifest.json", man, indent=2)
         return p
 
     @classmethod
@@ -107,7 +106,11 @@ class Scores:
         p = Path(path)
         man = read_manifest(p, "scores.safetensors", "diffinfluence-scores", "scores", model=model, dataset=dataset,
                             expect=expect)
-        t = load_file(str(p / "scores.safetensors"))
+        f = p / "scores.safetensors"
+        t = load_safetensors(f, (man.get("sha256") or {}).get("scores.safetensors"))
+        missing = [k for k in ("matrix", "query_ids", "train_ids") if k not in t]
+        if missing:
+            raise CorruptArtifactError(f"{f} lacks the tensors {missing}", f)
         bands = [tuple(b) for b in man["bands"]] if man.get("bands") else None
         return cls(t["matrix"], t["query_ids"], t["train_ids"], t.get("band_matrix"), bands, man["settings"],
                    man["model_fingerprint"], man["dataset_fingerprint"])
