@@ -51,6 +51,37 @@ def _default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+#: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
+_DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
+
+
+def _add_data_arguments(e: argparse.ArgumentParser) -> None:
+    """The ``--data`` options of ``diffinfluence evaluate``."""
+    g = e.add_argument_group("your own data (--data): the digits benchmark's protocol on an image folder")
+    g.add_argument("--data", type=Path, default=None, metavar="FOLDER",
+                   help="an image folder (png/jpg/bmp/webp, recursively; one sub-folder per class gives labels): "
+                        "evaluate every method on it instead of the demo")
+    g.add_argument("--image-size", type=int, default=16, help="resize images to this square size (default: "
+                                                               "%(default)s)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 grey, 3 RGB (default: from files)")
+    g.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="protocol sizes: 'quick' (M=12, K=2, 64 queries) or 'full' (M=40, K=3, 48 queries); "
+                        "the size flags override them (default: %(default)s)")
+    g.add_argument("--unet-channels", default="8,16", help="UNet block widths (default: %(default)s)")
+    g.add_argument("--train-steps", type=int, default=400, help="steps per (re)trained model (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default: %(default)s)")
+    g.add_argument("--fraction", type=float, default=None, help="share of the training set each subset keeps")
+    g.add_argument("--grad-draws", type=int, default=None, help="(t, ε) draws per per-example gradient")
+    g.add_argument("--curvature-draws", type=int, default=None, help="(t, ε) draws per image in the curvature")
+    g.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension")
+    g.add_argument("--cf-queries", type=int, default=None, help="queries of the counterfactual retraining (0: skip)")
+    g.add_argument("--cf-fractions", default=None, help="comma-separated shares removed per query (default: "
+                                                         "0.02,0.1)")
+    g.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import CACHE_ENV, DEMO_CONFIGS
 
@@ -136,16 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report the LDS (Spearman between predicted and actual change, mean ± "
                                    "standard error over queries) of each method. Retraining dominates the time: "
                                    "subsets × seeds trainings of the config's model.")
-    e.add_argument("--num-subsets", type=int, default=None, help="random subsets M (default: 8 tiny, 16 demo)")
-    e.add_argument("--seeds", type=int, default=1, help="training seeds per subset K (default: %(default)s; ≥ 2 "
-                                                         "adds the exact-retraining oracle)")
-    e.add_argument("--num-queries", type=int, default=4, help="held-out queries (default: %(default)s)")
-    e.add_argument("--methods", default="ekfac,kfac,trak",
-                   help="comma-separated methods (default: %(default)s)")
-    e.add_argument("--measure-draws", type=int, default=128,
-                   help="(t, ε) draws when measuring the retrained models (default: %(default)s)")
-    e.add_argument("--workers", type=int, default=1, help="retraining processes (default: %(default)s)")
-    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation)")
+    e.add_argument("--num-subsets", type=int, default=None,
+                   help="random subsets M (default: 8 tiny, 16 demo; with --data: the preset's)")
+    e.add_argument("--seeds", type=int, default=None, help="training seeds per subset K (default: 1; ≥ 2 adds the "
+                                                            "exact-retraining oracle; with --data: the preset's)")
+    e.add_argument("--num-queries", type=int, default=None, help="queries (default: 4 held-out; with --data: the "
+                                                                  "preset's generated queries)")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: ekfac,kfac,trak; with --data: every method of the preset)")
+    e.add_argument("--measure-draws", type=int, default=None,
+                   help="(t, ε) draws when measuring the retrained models (default: 128; with --data: the preset's)")
+    e.add_argument("--workers", type=int, default=None, help="retraining processes (default: 1; with --data: the "
+                                                              "preset's)")
+    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation, "
+                                                           "with --data <cache-dir>/report)")
+    _add_data_arguments(e)
     e.set_defaults(func=cmd_evaluate)
     return p
 
@@ -336,7 +372,14 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from .evaluation.command import run_on_data
     from .evaluation.run import evaluate_methods, lds_table
+
+    if args.data is not None:
+        return run_on_data(args)
+    for k, v in _DEMO_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     art = _build(args, "index")
