@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import traitlets
-from scipy import stats
 
 from ._io import atomic_write_bytes as _atomic_write
 from ._worker import _Inline, _Worker
@@ -35,7 +34,7 @@ from .config import check_damping
 from .data.images import to_png
 from .report import html_card, png_card
 from .refining import RefiningMixin
-from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement
+from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement, sweep_ranks
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
            "rank_agreement", "SIGN_CONVENTION"]
@@ -399,24 +398,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         ref = float(self.damping)
         if dampings is None:
             dampings = ref * np.logspace(-4, 4, 17)
-        dampings = np.asarray(sorted(float(d) for d in dampings), dtype=np.float64)
-        k = int(k or self.k)
-        s_ref = self.scores(ref)
-        top = np.argsort(-s_ref, kind="stable")[:k]
-        ranks = np.zeros((len(dampings), len(top)), dtype=np.int64)
-        overlap = np.zeros(len(dampings))
-        rho = np.zeros(len(dampings))
-        for n, d in enumerate(dampings):
-            s = self.scores(d)
-            order = np.argsort(-s, kind="stable")
-            rank_of = np.empty_like(order)
-            rank_of[order] = np.arange(1, len(order) + 1)
-            ranks[n] = rank_of[top]
-            overlap[n] = len(set(order[:k].tolist()) & set(top.tolist())) / k
-            rho[n] = float(stats.spearmanr(s, s_ref).statistic)
-        ids = np.asarray(self.backend.train_ids)[top]
-        return SweepResult(dampings=dampings, reference_damping=ref, ids=ids, ranks=ranks, overlap=overlap,
-                           spearman=rho)
+        return sweep_ranks(self.scores, ref, dampings, int(k or self.k), np.asarray(self.backend.train_ids))
 
     def band_profile(self, ids: Sequence[int] | None = None) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
         """``(bands, ids, contributions [num_bands, len(ids)])`` for the current top proponents and opponents.
@@ -462,7 +444,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
     def export(self, path: str | Path) -> Path:
         """Write the current result; the format follows the suffix: .csv, .json, .html (card) or .png (card)."""
         path = Path(path)
-        r = self._need_result()
+        r = self.current_result()
         suffix = path.suffix.lower()
         if suffix == ".csv":
             r.to_csv(path)
@@ -494,16 +476,13 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         raise RuntimeError(f"no result {'yet ' if self.result is None else ''}for the current settings {want}: "
                            f"{why}{held}")
 
-    def _need_result(self) -> InfluenceResult:
-        return self.current_result()
-
     def html_card(self) -> str:
         """A self-contained HTML card of the current result (images embedded: a file, not a widget message)."""
-        r = self._need_result()
+        r = self.current_result()
         return html_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails)
 
     def png_card(self, columns: int | None = None) -> bytes:
         """A PNG card of the current result drawn with Pillow (no browser needed)."""
-        r = self._need_result()
+        r = self.current_result()
         return png_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails,
                         columns=columns, thumb_size=THUMB_SIZE)
