@@ -51,6 +51,7 @@ import torch
 from . import distributed as dist_utils
 from ._io import atomic_write_bytes as _atomic_write_bytes
 from .influence.capture import model_lock
+from .influence.projected import projected_gradients, whitened_layer_feature
 from .influence.projection import KroneckerProjector, projector_from_spec
 
 __all__ = [
@@ -429,6 +430,13 @@ def build_gradient_store(path: str | Path, model, dataset, projector, *, measure
     images, ids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)
 
     def compute(lo: int, hi: int):
+        if isinstance(projector, KroneckerProjector):  # factor-wise: no per-example gradient is ever formed
+            extra = ({"eigen": whitened_layer_feature(projector, curvature, whiten_damping)} if space == "eigen"
+                     else None)
+            out = projected_gradients(model, images[lo:hi], ids[lo:hi], projector, measurement,
+                                      num_draws=num_draws, seed=seed, batch_size=batch_size, layer_features=extra,
+                                      device=device)
+            return {"features": out["eigen" if space == "eigen" else "features"]}
         g = per_example_gradients(model, images[lo:hi], ids[lo:hi], measurement, num_draws=num_draws, seed=seed,
                                   batch_size=batch_size, device=device)
         return {"features": feat(g.layers)}
@@ -797,6 +805,13 @@ class IndexBackend:
         images, ids = self.train.images, torch.as_tensor(self.train.ids, dtype=torch.long)
 
         def compute(lo: int, hi: int):
+            if self.on_train_gradients is None and isinstance(self.projector, KroneckerProjector):
+                # factor-wise (LoGra-style): the whole per-example gradient is never formed
+                extra = ({"eigen": whitened_layer_feature(self.projector, self.curvature, self.whiten_damping)}
+                         if with_eigen else None)
+                return projected_gradients(self.model, images[lo:hi], ids[lo:hi], self.projector, measurement,
+                                           num_draws=self.num_draws, seed=self.draw_seed,
+                                           batch_size=self.batch_size, layer_features=extra, device=self.device)
             g = per_example_gradients(self.model, images[lo:hi], ids[lo:hi], measurement, num_draws=self.num_draws,
                                       seed=self.draw_seed, batch_size=self.batch_size, device=self.device)
             if self.on_train_gradients is not None:  # e.g. a benchmark accumulating exact scores in the same pass
