@@ -312,8 +312,13 @@ def cmd_evaluate(args) -> int:
 
     from .evaluation import RetrainCache, generate_subsets, lds, lds_targets, oracle_lds
 
+    from . import distributed as dist_utils
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    art = _build(args, "index")
+    # under torchrun: rank 0 builds (or reuses) the demo alone, then every rank joins and shares the retraining
+    if dist_utils.env_rank() != 0:
+        args.rebuild = False
+    art = dist_utils.rank0_first(lambda: _build(args, "index"), device=args.device)
     backend, cfg, train = art.backend, art.config, art.train
     bad = [m for m in methods if m not in backend.methods or m in ("journey_trak",)]
     if bad:
@@ -344,6 +349,8 @@ def cmd_evaluate(args) -> int:
     targets = lds_targets(cache, subsets, seeds, qimages, qids, measurement="loss", num_draws=args.measure_draws,
                           num_workers=args.workers, device=args.device, progress=not args.quiet)
     t_retrain = time.perf_counter() - t1
+    if dist_utils.env_rank() != 0:
+        return 0  # every job is done; rank 0 reports
     rows = []
     for m in methods:
         res = lds(scores[m], subsets, targets, query_ids=qids)
