@@ -95,6 +95,8 @@ def child(phase: str, config: str, B: int, N: int, draws: int, device: str, thre
                         a, b = rec.a, rec.b  # [rows, R, d_in+1], [rows, R, d_out]: expand = positions as data
                         sums[n][0].add_((a.flatten(0, 1).T @ a.flatten(0, 1)).double())
                         sums[n][1].add_((b.flatten(0, 1).T @ b.flatten(0, 1)).double())
+                        del a, b
+                        rec.drop_unfolded_()  # as the curvature fit does: one layer's im2col copy at a time
                 cap.clear()
     elif phase == "materialised":
         from diffinfluence_widgets.influence.gradients import per_example_gradients

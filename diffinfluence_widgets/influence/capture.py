@@ -109,6 +109,11 @@ class CallRecord:
             self._a = _unfold(self.module, self.x)
         return self._a
 
+    def drop_unfolded_(self) -> None:
+        """Free the cached unfolded (im2col) input: a conv's is ``kh·kw`` times its input, so holding every
+        layer's at once would make a pass's memory that of the whole network's patches, not one layer's."""
+        self._a = None
+
     @property
     def b_cols(self) -> torch.Tensor:
         """``[rows, d_out, R]``."""

@@ -158,6 +158,7 @@ def projected_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequen
                             raise RuntimeError(f"layer {name!r} saw {rec.x.shape[0]} rows for {B} examples; "
                                                "measurements must call the network on example-major batches")
                         acc["features"] += project_call(projector, name, rec, B, fdt)
+                        rec.drop_unfolded_()  # an im2col copy (small-input convs) lives for one call only
                         if extra:
                             grad_l = rec.add_per_example_(grad_l if grad_l is not None else
                                                           rec.x.new_zeros(B, *layer_shape(rec.module)))
