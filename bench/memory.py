@@ -130,7 +130,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--child", nargs=4, metavar=("PHASE", "CONFIG", "B", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--config", choices=CONFIGS, default="cifar10", help="model for the batch-size sweep")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--n-config", choices=CONFIGS, default="demo", help="model for the N = 100 vs 1000 check")
+    ap.add_argument("--n-config", choices=CONFIGS + ("none",), default="demo",
+                    help="model for the N = 100 vs 1000 check ('none': skip it)")
     ap.add_argument("--n-values", type=int, nargs=2, default=[100, 1000])
     ap.add_argument("--n-batch-size", type=int, default=8)
     ap.add_argument("--phases", nargs="+", default=["store", "factors"])
@@ -153,7 +154,7 @@ def main(argv=None) -> list[dict]:
     if args.materialised_max_batch > 0:
         for B in [b for b in args.batch_sizes if b <= args.materialised_max_batch]:
             results.append(run_child(args, "materialised", args.config, B, 2 * B))
-    for phase in args.phases:
+    for phase in args.phases if args.n_config != "none" else []:
         lo, hi = (run_child(args, phase, args.n_config, args.n_batch_size, n) for n in args.n_values)
         results += [lo, hi]
         print(f"RATIO peak(N={args.n_values[1]})/peak(N={args.n_values[0]}) phase={phase} config={args.n_config} "
