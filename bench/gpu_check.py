@@ -138,7 +138,7 @@ def throughput(args) -> None:
 def store(args) -> None:
     """(c) One store build; under torchrun the shards are split across ranks."""
     from diffinfluence_widgets.distributed import init_from_env
-    from diffinfluence_widgets.index import build_gradient_store
+    from diffinfluence_widgets.store import build_gradient_store
     from diffinfluence_widgets.influence.gradients import layer_shapes
     from diffinfluence_widgets.influence.projection import make_projector
 
@@ -158,7 +158,7 @@ def store(args) -> None:
 def same_store(args) -> bool:
     import numpy as np
 
-    from diffinfluence_widgets.index import ProjectedStore
+    from diffinfluence_widgets.store import ProjectedStore
 
     a, b = (ProjectedStore.open(p, verify=True) for p in args.dirs)
     fa, fb = a.arrays["features"], b.arrays["features"]

@@ -79,7 +79,8 @@ def synthetic_features(n: int, k: int, seed: int = 0, clusters: int = 500, rank:
 
 def bench_latency(n: int, k: int, repeats: int, kinds=("flat", "ivf")) -> dict:
     from diffinfluence_widgets.diffusion.model import DiffusionModel, demo_unet_config
-    from diffinfluence_widgets.index import FeatureIndex, KFACQuery
+    from diffinfluence_widgets.index import FeatureIndex
+    from diffinfluence_widgets.influence.preconditioners import KFACQuery
     from diffinfluence_widgets.influence.gradients import layer_shapes
     from diffinfluence_widgets.influence.projection import make_projector
 
@@ -134,7 +135,7 @@ def bench_projection_throughput(n: int = 512, k: int = 4096) -> dict:
     import tempfile
 
     from diffinfluence_widgets.diffusion.model import DiffusionModel, demo_unet_config
-    from diffinfluence_widgets.index import build_store
+    from diffinfluence_widgets.store import build_store
     from diffinfluence_widgets.influence.gradients import layer_shapes
     from diffinfluence_widgets.influence.projection import make_projector
 

@@ -8,7 +8,7 @@ Each measurement runs in a fresh child process (peak RSS only grows within a pro
 Phases (both stream the training set in batches of B, one draw per example by default: memory, not accuracy, is
 measured here):
 
-* ``store`` — gradients + projection: the store build (``index.build_gradient_store``, Kronecker projection,
+* ``store`` — gradients + projection: the store build (``store.build_gradient_store``, Kronecker projection,
   factor-wise via ``influence.projected``) writing N projected gradients to a temporary store.
 * ``factors`` — K-FAC factor accumulation: the K-FAC pass of the curvature fit (A and B sums in float64 for every
   layer, GGN^model, expand), without the eigendecompositions (which depend only on the layer sizes).
@@ -67,7 +67,7 @@ def child(phase: str, config: str, B: int, N: int, draws: int, device: str, thre
     before = _current_rss_mb()
     t0 = time.perf_counter()
     if phase == "store":
-        from diffinfluence_widgets.index import build_gradient_store
+        from diffinfluence_widgets.store import build_gradient_store
 
         with tempfile.TemporaryDirectory() as tmp:
             build_gradient_store(Path(tmp) / "store", model, data, proj, num_draws=draws, batch_size=B,

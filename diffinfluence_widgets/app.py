@@ -6,6 +6,7 @@ ships the default version as ``notebooks/explorer_app.ipynb`` (Binder's Voila li
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = ["app_notebook", "write_app_notebook", "APP_TITLE"]
@@ -36,7 +37,7 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
 
 def app_notebook(config: str | None = None, cache_dir: str | Path | None = None, threads: int | None = None):
     """The app as an ``nbformat`` notebook. ``config=None`` reads ``DIFFINFLUENCE_SMALL`` at run time."""
-    import nbformat
+    import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -56,9 +57,7 @@ def app_notebook(config: str | None = None, cache_dir: str | Path | None = None,
 def write_app_notebook(path: str | Path, config: str | None = None, cache_dir: str | Path | None = None,
                        threads: int | None = None) -> Path:
     """Write :func:`app_notebook` to ``path`` (atomically)."""
-    import os
-
-    import nbformat
+    import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

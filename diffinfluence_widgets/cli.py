@@ -12,6 +12,9 @@ Every command takes ``--config {demo,tiny}``, ``--cache-dir``, ``--device`` and 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import io
 import json
 import os
 import signal
@@ -20,6 +23,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+# The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
+# which must happen before torch (and its OpenMP runtime) is loaded; `diffinfluence --help` stays fast as well.
 
 __all__ = ["main", "build_parser"]
 
@@ -248,10 +254,6 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     """A static report of the demo: for a few queries (generated first, then held-out) the top-k proponents and
     opponents at the default settings (EK-FAC, loss, λ = 1e-8), as HTML / PNG cards plus CSV / JSON; an index
     ``report.html`` and a stacked ``report.png``."""
-    import base64
-    import html
-    import io
-
     from PIL import Image
 
     from .backend import SIGN_CONVENTION
@@ -307,72 +309,23 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-    import torch
-
-    from .evaluation import RetrainCache, generate_subsets, lds, lds_targets, oracle_lds
-
     from . import distributed as dist_utils
+    from .evaluation.run import evaluate_methods, lds_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     # under torchrun: rank 0 builds (or reuses) the demo alone, then every rank joins and shares the retraining
     if dist_utils.env_rank() != 0:
         args.rebuild = False
     art = dist_utils.rank0_first(lambda: _build(args, "index"), device=args.device)
-    backend, cfg, train = art.backend, art.config, art.train
-    bad = [m for m in methods if m not in backend.methods or m in ("journey_trak",)]
-    if bad:
-        raise SystemExit(f"diffinfluence evaluate: unknown or unsupported methods {bad}; choose from "
-                         f"{[m for m in backend.methods if m != 'journey_trak']}")
-    if args.num_queries < 1 or args.seeds < 1 or args.workers < 1:
-        raise SystemExit("diffinfluence evaluate: --num-queries, --seeds and --workers must be positive")
-    m_subsets = args.num_subsets or (8 if cfg.name == "tiny" else 16)
-    heldout = art.heldout
-    q = min(args.num_queries, len(heldout))
-    qids = [int(i) for i in torch.as_tensor(heldout.ids)[:q].tolist()]
-    qimages = heldout.images[:q]
-    out = args.out or (art.cache_dir / "evaluation")
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    scores = {}
-    for m in methods:
-        damping = backend.default_damping[m]
-        scores[m] = np.stack([backend.scores(backend.prepare(i, "loss", m, None), damping) for i in qids])
-    t_scores = time.perf_counter() - t0
-    subsets = generate_subsets(np.asarray(train.ids), m_subsets, fraction=0.5, seed=0)
-    cache = RetrainCache(art.cache_dir / "retrain", art.model, train, cfg.train_config())
-    seeds = list(range(args.seeds))
-    print(f"retraining {m_subsets} subsets × {len(seeds)} seeds of the {cfg.name!r} model "
-          f"({cfg.train_config().steps} steps each; cached in {cache.root}) …", flush=True)
-    t1 = time.perf_counter()
-    targets = lds_targets(cache, subsets, seeds, qimages, qids, measurement="loss", num_draws=args.measure_draws,
-                          num_workers=args.workers, device=args.device, progress=not args.quiet)
-    t_retrain = time.perf_counter() - t1
+    try:
+        result, path = evaluate_methods(art, methods, num_queries=args.num_queries, num_subsets=args.num_subsets,
+                                        seeds=args.seeds, workers=args.workers, measure_draws=args.measure_draws,
+                                        device=args.device, out=args.out, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"diffinfluence evaluate: {e}") from None
     if dist_utils.env_rank() != 0:
-        return 0  # every job is done; rank 0 reports
-    rows = []
-    for m in methods:
-        res = lds(scores[m], subsets, targets, query_ids=qids)
-        rows.append({"method": m, "damping": backend.default_damping[m], "lds_mean": res.mean, "lds_sem": res.sem,
-                     "per_query": res.per_query.tolist()})
-    if len(seeds) >= 2:
-        res = oracle_lds(targets, query_ids=qids)
-        rows.append({"method": "oracle (retraining)", "damping": None, "lds_mean": res.mean, "lds_sem": res.sem,
-                     "per_query": res.per_query.tolist()})
-    print(f"\nLDS on {q} held-out queries, {m_subsets} subsets (α = 0.5), {len(seeds)} seed(s), measurement: loss")
-    print(f"{'method':<22}{'damping':>10}{'LDS (%)':>16}")
-    for r in rows:
-        d = "" if r["damping"] is None else f"{r['damping']:.0e}"
-        sem = "" if not np.isfinite(r["lds_sem"]) else f" ± {100 * r['lds_sem']:.1f}"
-        print(f"{r['method']:<22}{d:>10}{100 * r['lds_mean']:>10.1f}{sem}")
-    result = {"config": cfg.name, "num_subsets": m_subsets, "seeds": seeds, "query_ids": qids,
-              "measure_draws": args.measure_draws, "rows": rows,
-              "seconds": {"scores": round(t_scores, 2), "retrain_and_measure": round(t_retrain, 2)}}
-    path = out / "lds.json"
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+        return 0  # every rank holds the same result; rank 0 reports
+    print("\n" + lds_table(result))
     print(f"\nwrote {path}")
     return 0
 

@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._io import atomic_write_text as _atomic_write_text
+from .config import DEFAULT_METHODS, Approximation, Fisher, Method, choice
+from .data import load_digits
+from .diffusion import DiffusionModel, resolve_device, train_model
+from .diffusion.model import demo_unet_config, tiny_unet_config
+from .diffusion.train import TrainConfig
+from .index import IndexBackend
+from .influence.curvature import Curvature, fit_curvature
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -71,7 +80,7 @@ class DemoConfig:
     query_draws: int = _f(64, "(t, ε) draws of a query's measurement gradient")
     k: int = _f(4096, "projection dimension of the store (Kronecker: k_b · k_a)")
     num_generated: int = _f(8, "sampled queries generated up front (seeds 0..num_generated-1)")
-    methods: tuple = _f(("ekfac", "kfac", "trak", "dtrak", "journey_trak"), "methods offered in the explorer")
+    methods: tuple = _f(tuple(m.value for m in DEFAULT_METHODS), "methods offered in the explorer")
     batch_size: int = _f(32, "examples per gradient batch")
 
     def __post_init__(self) -> None:
@@ -83,18 +92,15 @@ class DemoConfig:
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"DemoConfig.{n} must be a positive integer, got {v!r}")
+        object.__setattr__(self, "methods", tuple(choice(Method, m, "DemoConfig.methods").value for m in self.methods))
         if isinstance(self.num_generated, bool) or not isinstance(self.num_generated, int) or self.num_generated < 0:
             raise ValueError(f"DemoConfig.num_generated must be a non-negative integer, got {self.num_generated!r}")
 
     def train_config(self):
-        from .diffusion.train import TrainConfig
-
         preset = TrainConfig.tiny if self.train_preset == "tiny" else TrainConfig.demo
         return preset(**(self.train or {}))
 
     def unet_config(self) -> dict:
-        from .diffusion.model import demo_unet_config, tiny_unet_config
-
         return (tiny_unet_config if self.unet == "tiny" else demo_unet_config)(sample_size=self.image_size)
 
     def to_dict(self) -> dict:
@@ -259,8 +265,6 @@ def _checkpoint_dir(root: Path, name: str, digest: str) -> Path:
 
 
 def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, cpu0: float, **extra) -> dict:
-    import torch
-
     meta = {"step": step, "config_name": cfg.name, "step_digest": cfg.digest(step), "seconds": round(seconds, 3),
             # process CPU time of the step (all threads): unlike wall time, it does not grow on a busy machine
             "cpu_seconds": round(time.process_time() - cpu0, 3),
@@ -315,13 +319,6 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
                until: str = "index") -> DemoArtifacts:
     """:func:`load_or_build_demo`, stopping after step ``until`` (``"train"``, ``"curvature"`` or ``"index"``)
     and returning every artifact (:class:`DemoArtifacts`)."""
-    import torch
-
-    from .data import load_digits
-    from .diffusion import DiffusionModel, resolve_device, train_model
-    from .index import IndexBackend
-    from .influence.curvature import Curvature, fit_curvature
-
     cfg = demo_config(config)
     if until not in STEPS:
         raise ValueError(f"until must be one of {STEPS}, got {until!r}")
@@ -390,7 +387,7 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
     if curvature is None:
         log(f"step 2/3: fitting EK-FAC curvature ({cfg.curvature_draws} draws per image)")
         ckpt = _checkpoint_dir(root, "curvature-checkpoint", cfg.digest("curvature") + model_fp)
-        curvature = fit_curvature(model, train, method="ekfac", kfac_approx="expand", fisher="model",
+        curvature = fit_curvature(model, train, method=Method.EKFAC, kfac_approx=Approximation.EXPAND, fisher=Fisher.MODEL,
                                   num_draws=cfg.curvature_draws, device=dev, progress=progress,
                                   batch_size=cfg.batch_size, checkpoint_dir=ckpt)
         tmp = root / f".tmp-curvature-{os.getpid()}"

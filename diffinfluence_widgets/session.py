@@ -18,276 +18,29 @@ query); negative scores are opponents.
 """
 from __future__ import annotations
 
-import csv
-import html
-import io
-import json
-import math
 import threading
 import time
-import traceback
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import traitlets
+from scipy import stats
 
 from ._io import atomic_write_bytes as _atomic_write
+from ._worker import _Inline, _Worker
 from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem, SearchResult
+from .config import check_damping
+from .data.images import to_png
+from .report import html_card, png_card
+from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
-           "to_png", "rank_agreement", "SIGN_CONVENTION"]
+           "rank_agreement", "SIGN_CONVENTION"]
 
 #: thumbnail edge in pixels (nearest-neighbour upscale of small images so they stay crisp)
 THUMB_SIZE = 64
-
-
-# ----------------------------------------------------------------------------------------------- images
-def to_png(image: np.ndarray, size: int | None = THUMB_SIZE) -> bytes:
-    """PNG bytes of one image ``[C, H, W]`` (or ``[H, W]``) with values in ``[-1, 1]``.
-
-    ``size`` upscales with nearest neighbour to roughly ``size`` pixels on the longer edge (whole multiples only, so
-    pixels stay square); ``None`` keeps the native size.
-    """
-    from PIL import Image
-
-    x = np.asarray(image, dtype=np.float32)
-    if x.ndim == 3:
-        x = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
-    if x.ndim not in (2, 3):
-        raise ValueError(f"image must be [C, H, W] or [H, W], got shape {np.asarray(image).shape}")
-    u8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    img = Image.fromarray(u8, mode="L" if u8.ndim == 2 else "RGB")
-    if size:
-        f = max(1, int(size) // max(img.size))
-        if f > 1:
-            img = img.resize((img.size[0] * f, img.size[1] * f), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class Influence:
-    """One training image in a top-k list."""
-
-    id: int
-    score: float
-    rank: int  # 1-based within its list
-    role: str  # "proponent" | "opponent"
-
-
-@dataclass
-class InfluenceResult:
-    """The answer for one setting of the session (scores in :data:`SIGN_CONVENTION`)."""
-
-    request_id: int
-    query_id: int
-    measurement: str
-    method: str
-    band: tuple[int, int] | None
-    damping: float
-    k: int
-    proponents: list[Influence]
-    opponents: list[Influence]
-    exact: bool = False
-    elapsed_s: float = 0.0
-    #: scores of every training example in ``train_ids`` order, when the session asked for them
-    all_scores: np.ndarray | None = field(default=None, repr=False)
-    train_ids: np.ndarray | None = field(default=None, repr=False)
-    #: wall-clock times (``time.time()``) when the request was made and when its answer was ready (diagnostics)
-    requested_at: float = 0.0
-    finished_at: float = 0.0
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return {"query_id": self.query_id, "measurement": self.measurement, "method": self.method,
-                "band": list(self.band) if self.band else None, "damping": self.damping, "k": self.k}
-
-    def records(self) -> list[dict[str, Any]]:
-        """One row per listed training image (proponents first), with the settings repeated."""
-        rows = []
-        for inf in [*self.proponents, *self.opponents]:
-            rows.append({"role": inf.role, "rank": inf.rank, "train_id": inf.id, "score": inf.score,
-                         "query_id": self.query_id, "measurement": self.measurement, "method": self.method,
-                         "band": "" if self.band is None else f"{self.band[0]}-{self.band[1]}",
-                         "damping": self.damping})
-        return rows
-
-    def to_csv(self, path: str | Path | None = None) -> str:
-        buf = io.StringIO()
-        rows = self.records()
-        fields = ["role", "rank", "train_id", "score", "query_id", "measurement", "method", "band", "damping"]
-        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "score": repr(float(r["score"])), "damping": repr(float(r["damping"]))})
-        text = buf.getvalue()
-        if path is not None:
-            _atomic_write(Path(path), text.encode())
-        return text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "sign_convention": SIGN_CONVENTION, "exact": self.exact,
-                "proponents": [asdict(p) for p in self.proponents],
-                "opponents": [asdict(o) for o in self.opponents]}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            _atomic_write(Path(path), text.encode())
-        return text
-
-
-@dataclass
-class SweepResult:
-    """Rank stability across a damping sweep: where the top-k at the reference damping rank at other dampings."""
-
-    dampings: np.ndarray  # [D]
-    reference_damping: float
-    ids: np.ndarray  # [k] top proponents at the reference damping
-    ranks: np.ndarray  # [D, k] 1-based rank of each id among all training images (by descending score)
-    overlap: np.ndarray  # [D] |top-k(λ) ∩ top-k(ref)| / k
-    spearman: np.ndarray  # [D] Spearman of all scores at λ vs the reference
-
-
-@dataclass
-class CompareResult:
-    """Two methods on the same query: their top-k and how much they agree."""
-
-    method_a: str
-    method_b: str
-    result_a: InfluenceResult
-    result_b: InfluenceResult
-    spearman: float
-    kendall: float
-    topk_overlap: float  # |top-k proponents A ∩ B| / k
-    k: int
-
-
-def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float, float]:
-    """Spearman and Kendall correlation of two score vectors and the overlap of their top-k (by descending score)."""
-    from scipy import stats
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"score vectors must have the same shape, got {a.shape} and {b.shape}")
-    rho = float(stats.spearmanr(a, b).statistic) if a.size > 1 else float("nan")
-    tau = float(stats.kendalltau(a, b).statistic) if a.size > 1 else float("nan")
-    k = max(1, min(int(k), a.size))
-    ta = set(np.argsort(-a, kind="stable")[:k].tolist())
-    tb = set(np.argsort(-b, kind="stable")[:k].tolist())
-    return rho, tau, len(ta & tb) / k
-
-
-# ----------------------------------------------------------------------------------------------- worker
-class _Worker:
-    """One daemon thread running the latest request of each channel; older pending requests are replaced."""
-
-    def __init__(self, name: str = "dinf-session"):
-        self._cv = threading.Condition()
-        self._pending: "OrderedDict[str, tuple[int, Callable[[], Any], Callable[[int, Any, BaseException | None], None]]]" = OrderedDict()
-        self._latest: dict[str, int] = {}
-        self._running = 0
-        self._next_id = 0
-        self._closed = False
-        self.dropped = 0  # answers computed but dropped because a newer request came
-        self.replaced = 0  # requests replaced before they started
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, channel: str, fn: Callable[[], Any],
-               done: Callable[[int, Any, BaseException | None], None]) -> int:
-        with self._cv:
-            self._next_id += 1
-            rid = self._next_id
-            self._latest[channel] = rid
-            if channel in self._pending:
-                self.replaced += 1
-            self._pending[channel] = (rid, fn, done)
-            self._pending.move_to_end(channel)
-            self._cv.notify_all()
-            return rid
-
-    def is_latest(self, channel: str, rid: int) -> bool:
-        with self._cv:
-            return self._latest.get(channel) == rid
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._pending and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                channel, (rid, fn, done) = self._pending.popitem(last=False)
-                self._running += 1
-            try:
-                try:
-                    out, err = fn(), None
-                except BaseException as e:  # noqa: BLE001 - reported to the widget, not raised on a thread
-                    out, err = None, e
-                if not self.is_latest(channel, rid):
-                    self.dropped += 1
-                else:
-                    try:
-                        done(rid, out, err)
-                    except Exception:  # a failing observer must not kill the worker
-                        traceback.print_exc()
-            finally:
-                with self._cv:
-                    self._running -= 1
-                    self._cv.notify_all()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until nothing is pending or running; False on timeout."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while self._pending or self._running:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._pending.clear()
-            self._cv.notify_all()
-
-
-class _Inline:
-    """Runs requests at once on the calling thread (``threaded=False``: scripts, tests, static reports)."""
-
-    def __init__(self):
-        self._next_id = 0
-        self._latest: dict[str, int] = {}
-        self.dropped = self.replaced = 0
-
-    def submit(self, channel, fn, done):
-        self._next_id += 1
-        rid = self._latest[channel] = self._next_id
-        try:
-            out, err = fn(), None
-        except BaseException as e:  # noqa: BLE001
-            out, err = None, e
-        if self._latest.get(channel) == rid:
-            done(rid, out, err)
-        return rid
-
-    def is_latest(self, channel, rid):
-        return self._latest.get(channel) == rid
-
-    def wait(self, timeout=None):
-        return True
-
-    def close(self):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------- session
@@ -378,10 +131,10 @@ class AttributionSession(traitlets.HasTraits):
 
     @traitlets.validate("damping")
     def _v_damping(self, proposal):
-        v = float(proposal["value"])
-        if not (math.isfinite(v) and v > 0):
-            raise traitlets.TraitError(f"damping must be a positive finite number, got {v!r}")
-        return v
+        try:
+            return check_damping(proposal["value"])
+        except (TypeError, ValueError) as e:  # the one damping rule, reported as a trait error
+            raise traitlets.TraitError(str(e)) from None
 
     @traitlets.validate("k")
     def _v_k(self, proposal):
@@ -572,7 +325,7 @@ class AttributionSession(traitlets.HasTraits):
             imgs = np.asarray(self.backend.train_images(missing))
             with self._lock:
                 for i, im in zip(missing, imgs):
-                    self._thumbs[(i, size)] = to_png(im, size)
+                    self._thumbs[(i, size)] = to_png(im, size=size)
                 while len(self._thumbs) > self._thumb_cache_size:
                     self._thumbs.popitem(last=False)
         with self._lock:
@@ -586,7 +339,7 @@ class AttributionSession(traitlets.HasTraits):
         q = self.query(query_id)
         key = (q.id, size)
         if key not in self._query_thumbs:
-            self._query_thumbs[key] = to_png(q.image, size)
+            self._query_thumbs[key] = to_png(q.image, size=size)
         return self._query_thumbs[key]
 
     # ------------------------------------------------------------------ queries
@@ -626,7 +379,6 @@ class AttributionSession(traitlets.HasTraits):
         ranks = np.zeros((len(dampings), len(top)), dtype=np.int64)
         overlap = np.zeros(len(dampings))
         rho = np.zeros(len(dampings))
-        from scipy import stats
         for n, d in enumerate(dampings):
             s = self.scores(d)
             order = np.argsort(-s, kind="stable")
@@ -705,64 +457,11 @@ class AttributionSession(traitlets.HasTraits):
 
     def html_card(self) -> str:
         """A self-contained HTML card of the current result (images embedded: a file, not a widget message)."""
-        import base64
-
         r = self._need_result()
-
-        def img(png: bytes, alt: str) -> str:
-            return (f'<img alt="{html.escape(alt)}" width="64" height="64" style="image-rendering:pixelated" '
-                    f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-
-        def row(title: str, items: list[Influence]) -> str:
-            thumbs = self.thumbnails([i.id for i in items])
-            cells = "".join(f'<figure style="margin:4px;text-align:center">{img(t, f"{title} {i.rank}: train {i.id}")}'
-                            f'<figcaption style="font:11px monospace">#{i.id}<br>{i.score:+.3e}</figcaption></figure>'
-                            for i, t in zip(items, thumbs))
-            return f'<h3>{html.escape(title)}</h3><div style="display:flex;flex-wrap:wrap">{cells}</div>'
-
-        q = self.query(r.query_id)
-        s = r.settings
-        head = (f"query {q.id} ({html.escape(q.kind)}{', ' + html.escape(q.label) if q.label else ''}) · "
-                f"measurement {html.escape(s['measurement'])} · method {html.escape(s['method'])} · "
-                f"damping {s['damping']:.3g} · band {s['band'] or 'all timesteps'}")
-        return ("<!doctype html><html><head><meta charset='utf-8'><title>Influence card</title></head>"
-                "<body style='font-family:sans-serif;max-width:900px'>"
-                f"<h2>Which training images made the model generate this?</h2>"
-                f"<div style='display:flex;gap:12px;align-items:center'>"
-                f"{img(self.query_thumbnail(q.id), f'query {q.id}')}<p>{head}</p></div>"
-                f"<p><em>{html.escape(SIGN_CONVENTION)}</em></p>"
-                f"{row('Proponents', r.proponents)}{row('Opponents', r.opponents)}</body></html>")
+        return html_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails)
 
     def png_card(self, columns: int | None = None) -> bytes:
         """A PNG card of the current result drawn with Pillow (no browser needed)."""
-        from PIL import Image, ImageDraw
-
         r = self._need_result()
-        t = THUMB_SIZE
-        cols = columns or max(len(r.proponents), len(r.opponents), 1)
-        cell_w, cell_h = t + 16, t + 30
-        width = max(16 + cols * cell_w, 520)
-        height = 100 + 2 * (cell_h + 22) + 10
-        card = Image.new("RGB", (width, height), "white")
-        d = ImageDraw.Draw(card)
-        q = self.query(r.query_id)
-        card.paste(Image.open(io.BytesIO(self.query_thumbnail(q.id))).convert("RGB"), (8, 8))
-        s = r.settings
-        d.text((t + 20, 10), f"query {q.id} ({q.kind})  measurement {s['measurement']}  method {s['method']}",
-               fill="black")
-        d.text((t + 20, 26), f"damping {s['damping']:.3g}  band {s['band'] or 'all'}  k {s['k']}", fill="black")
-        d.text((t + 20, 42), "positive score: removing it is predicted to increase the query's", fill="#444")
-        d.text((t + 20, 56), "measurement (a proponent); negative: an opponent", fill="#444")
-        y = 90
-        for title, items, colour in (("proponents", r.proponents, "#b2182b"), ("opponents", r.opponents, "#2166ac")):
-            d.text((8, y), title, fill=colour)
-            y += 16
-            for n, (inf, png) in enumerate(zip(items[:cols], self.thumbnails([i.id for i in items[:cols]]))):
-                x = 8 + n * cell_w
-                card.paste(Image.open(io.BytesIO(png)).convert("RGB"), (x, y))
-                d.text((x, y + t + 2), f"#{inf.id}", fill="black")
-                d.text((x, y + t + 14), f"{inf.score:+.2e}", fill=colour)
-            y += cell_h + 6
-        buf = io.BytesIO()
-        card.save(buf, format="PNG")
-        return buf.getvalue()
+        return png_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails,
+                        columns=columns, thumb_size=THUMB_SIZE)

@@ -28,7 +28,7 @@ def _setup():
 
 
 def _build(out: Path, *, with_curvature: bool = True):
-    from diffinfluence_widgets.index import build_gradient_store
+    from diffinfluence_widgets.store import build_gradient_store
     from diffinfluence_widgets.influence.curvature import fit_curvature
 
     model, train, proj = _setup()
@@ -43,16 +43,16 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    import diffinfluence_widgets.index as index
+    import diffinfluence_widgets.store.features as features
 
     seen: list[int] = []
-    real = index.projected_gradients  # the store's factor-wise projected gradients
+    real = features.projected_gradients  # the store's factor-wise projected gradients
 
     def spy(model, images, ids, *a, **k):  # record which training examples this rank differentiates
         seen.extend(int(i) for i in ids)
         return real(model, images, ids, *a, **k)
 
-    index.projected_gradients = spy
+    features.projected_gradients = spy
     try:
         store, curv = _build(Path(out))
         Path(out, f"rank{rank}.json").write_text(json.dumps({"ids": seen, "n": len(store)}))
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_two_process_gloo_build_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from diffinfluence_widgets.index import ProjectedStore
+    from diffinfluence_widgets.store import ProjectedStore
     from diffinfluence_widgets.influence.curvature import Curvature
 
     two = tmp_path / "two"

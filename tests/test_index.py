@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffinfluence_widgets.index import (FeatureIndex, KFACQuery, ProjectedStore, StoreCorruptError, StoreError,
-                                         StoreMismatchError, build_store, store_feature_fn)
+from diffinfluence_widgets.index import FeatureIndex
+from diffinfluence_widgets.influence.preconditioners import KFACQuery
+from diffinfluence_widgets.store import (ProjectedStore, StoreCorruptError, StoreError, StoreMismatchError, build_store,
+                                         store_feature_fn)
 from diffinfluence_widgets.influence.projection import make_projector
 
 torch.set_num_threads(1)
@@ -125,7 +127,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, numpy as np, torch
     sys.path.insert(0, {tests!r})
     from test_index import SETTINGS, synthetic_features
-    from diffinfluence_widgets.index import build_store
+    from diffinfluence_widgets.store import build_store
     torch.set_num_threads(1)
     ids = np.arange(1000, 1060)
     def compute(lo, hi):
@@ -406,3 +408,43 @@ def test_backend_trak_family_matches_closed_form_and_reuses_stores(tiny_setup, m
     monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
     _backend(tiny_setup, methods=("ekfac", "trak", "dtrak"))
     assert calls == []
+
+
+def test_identity_preconditioner_is_the_plain_gradient_dot_product(tiny_setup):
+    """The identity method (one file + one registry line): projected scores = (R g_q)ᵀ (R g_j); exact rescoring
+    = g_qᵀ g_j with full gradients; λ only passes the damping rule."""
+    from diffinfluence_widgets.influence.gradients import per_example_gradients
+
+    model, train, held, curv, _ = tiny_setup
+    b = _backend(tiny_setup, methods=("identity", "ekfac"), query_dtype=torch.float64, rescore_candidates=24)
+    qid = int(held.ids[0])
+    g = b.query_gradients(qid, "loss")
+    whole = {n: g.band_layers[n].double().sum(0) for n in curv.layer_names}  # the backend's whole = Σ bands
+    p = b.prepare(qid, "loss", "identity")
+    phi_train = b.stores["loss"].arrays["features"].astype(np.float64)
+    projected = phi_train @ b.projector.project(whole)[0].double().numpy()
+    for damping in (1e-8, 1.0, 1e3):
+        assert np.allclose(b.scores(p, damping), projected, rtol=1e-9, atol=1e-12 * np.abs(projected).max())
+    gt = per_example_gradients(model, train.images, train.ids, "loss", num_draws=4, seed=0)
+    exact = sum((whole[n][0] * gt.layers[n].double()).flatten(1).sum(1) for n in curv.layer_names).numpy()
+    assert np.allclose(b.exact_scores(p, 1.0, b.train_ids), exact, rtol=1e-5, atol=1e-7 * np.abs(exact).max())
+    r = b.search(p, 1.0, 3)  # 24 candidates = every training example: the exact top-3
+    assert r.exact and list(r.proponent_ids) == list(b.train_ids[np.argsort(-exact)[:3]])
+    assert b.default_damping["identity"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1e-3, float("nan"), float("inf")])
+def test_one_damping_rule_on_every_backend_path(tiny_setup, bad):
+    from diffinfluence_widgets.influence.trak import TRAKScorer
+
+    b = _backend(tiny_setup, methods=("ekfac", "trak", "identity"), rescore_candidates=4)
+    qid = int(tiny_setup[2].ids[0])
+    for method in ("ekfac", "trak", "identity"):
+        p = b.prepare(qid, "loss", method)
+        for call in (lambda: b.scores(p, bad), lambda: b.search(p, bad, 3), lambda: b.band_profile(p, bad, [0])):
+            with pytest.raises(ValueError, match=r"damping must be a positive finite number .*got"):
+                call()
+    with pytest.raises(ValueError, match="damping"):
+        b.exact_scores(b.prepare(qid, "loss", "ekfac"), bad, b.train_ids[:2])
+    with pytest.raises(ValueError, match="damping"):
+        TRAKScorer(np.eye(3)).query_feature(np.ones(3), bad)

@@ -43,7 +43,7 @@ def test_factor_projection_equals_projecting_the_gradient(setup64, k_b, k_a, mea
 
 
 def test_layer_features_see_each_layer_gradient_and_match_the_eigen_store(setup64):
-    from diffinfluence_widgets.index import store_feature_fn
+    from diffinfluence_widgets.store import store_feature_fn
     from diffinfluence_widgets.influence.curvature import fit_curvature
 
     model, x, ids = setup64
@@ -83,7 +83,7 @@ def test_store_build_features_equal_the_materialised_path(tmp_path, space):
     """The store now projects factor-wise: its float32 features equal the old materialise-then-project path."""
     import numpy as np
 
-    from diffinfluence_widgets.index import build_gradient_store, store_feature_fn
+    from diffinfluence_widgets.store import build_gradient_store, store_feature_fn
     from diffinfluence_widgets.influence.curvature import fit_curvature
 
     model = DiffusionModel.from_config(tiny_unet_config(8), seed=0)

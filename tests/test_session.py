@@ -10,7 +10,9 @@ import pytest
 import traitlets
 
 from diffinfluence_widgets.backend import InfluenceBackend
-from diffinfluence_widgets.session import AttributionSession, rank_agreement, to_png
+from diffinfluence_widgets.data import to_png
+from diffinfluence_widgets.results import rank_agreement
+from diffinfluence_widgets.session import AttributionSession
 from diffinfluence_widgets.widgets._standin import StandInBackend
 
 

@@ -5,6 +5,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits as _sk_load
 
 from .dataset import ImageDataset
 from .images import _check_size, resize
@@ -16,7 +17,6 @@ SPLITS = ("train", "heldout", "all")
 
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits as _sk_load
 
     d = _sk_load()
     images = torch.from_numpy(np.asarray(d.images, dtype=np.float32)) / 16.0  # 0..16 -> 0..1

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .dataset import ImageDataset
 
@@ -54,16 +55,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def to_png(image: torch.Tensor, scale: int = 1) -> bytes:
-    """PNG bytes of one image ``[C, H, W]`` (or ``[H, W]``) in ``[-1, 1]``.
+def to_png(image: torch.Tensor | np.ndarray, scale: int = 1, *, size: int | None = None) -> bytes:
+    """PNG bytes of one image ``[C, H, W]`` (or ``[H, W]``) in ``[-1, 1]`` (a tensor or a NumPy array).
 
     ``scale`` > 1 enlarges each pixel to a ``scale × scale`` block (nearest neighbour), which keeps tiny
-    thumbnails crisp in a browser.
+    thumbnails crisp in a browser. ``size`` instead picks the largest whole scale that keeps the longer edge within
+    ``size`` pixels (at least 1; the thumbnails of the explorer).
     """
-    from PIL import Image
-
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.asarray(image, dtype=np.float32))
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"to_png expects a torch.Tensor [C, H, W] in [-1, 1], got {type(image).__name__}")
+        raise TypeError(f"to_png expects a torch.Tensor or numpy array [C, H, W] in [-1, 1], got {type(image).__name__}")
     if image.dim() == 2:
         image = image[None]
     if image.dim() != 3 or image.shape[0] not in (1, 3):
@@ -71,6 +73,8 @@ def to_png(image: torch.Tensor, scale: int = 1) -> bytes:
     scale = int(scale)
     if scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    if size:
+        scale = max(1, int(size) // max(image.shape[-2:]))
     u8 = to_uint8(image)
     if scale > 1:
         u8 = u8.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
@@ -116,8 +120,6 @@ def from_image_folder(path: str | Path, size: int | None = None, channels: int |
     ``channels``: 1 (grey), 3 (RGB) or ``None`` (grey if every file is grey, else RGB).
     ``size``: resize to ``size × size`` (centre-crop non-square images); without it all files must share a size.
     """
-    from PIL import Image
-
     size, channels = _check_size(size), _check_channels(channels)
     root = Path(path)
     if not root.exists():
@@ -154,7 +156,6 @@ def from_image_folder(path: str | Path, size: int | None = None, channels: int |
 def _item_to_tensor(img: Any, channels: int | None, where: str) -> torch.Tensor:
     """One dataset item's image -> float ``[C, H, W]`` (not yet rescaled)."""
     try:
-        from PIL import Image
         if isinstance(img, Image.Image):
             mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if img.mode in _GREY_MODES else "RGB")
             return _pil_to_tensor(img, mode) * 255.0  # back to 0..255 so that it is treated like uint8

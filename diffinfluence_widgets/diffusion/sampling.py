@@ -13,15 +13,64 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..measurements import Trajectory
 from .draws import example_generator
 from .model import DiffusionModel, resolve_device
 
-__all__ = ["SampleResult", "sample", "posterior_mean_variance", "previous_timesteps", "SAMPLING_STREAM"]
+__all__ = ["Trajectory", "SampleResult", "sample", "posterior_mean_variance", "previous_timesteps", "SAMPLING_STREAM"]
 
 #: stream number of :func:`example_generator` used for sampling noise (distinct from the measurement draws)
 SAMPLING_STREAM = 7
+
+
+
+@dataclass
+class Trajectory:
+    """A stored DDPM sampling trajectory (needed by the trajectory measurements).
+
+    ``timesteps`` ``[K]``: the scheduler timesteps visited, in sampling (strictly descending) order — the
+    ``scheduler.timesteps`` after ``set_timesteps``; ``states`` ``[B, K + 1, C, H, W]``: ``states[:, 0]`` is x_T
+    (the initial noise), ``states[:, k + 1]`` the sample after step k (the last one is the generated image).
+    Step k maps ``states[:, k]`` (at diffusion timestep ``timesteps[k]``) to ``states[:, k + 1]`` (at
+    ``timesteps[k + 1]``, or the clean image after the last step), exactly as ``DDPMScheduler.step`` does.
+    """
+
+    timesteps: torch.Tensor
+    states: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.states.dim() != 5 or self.states.shape[1] != self.timesteps.numel() + 1:
+            raise ValueError(f"trajectory states {tuple(self.states.shape)} do not match "
+                             f"{self.timesteps.numel()} timesteps (expected [B, K+1, C, H, W])")
+
+    def select(self, idx) -> "Trajectory":
+        return Trajectory(self.timesteps, self.states[idx])
+
+    def to(self, device=None, dtype=None) -> "Trajectory":
+        return Trajectory(self.timesteps.to(device), self.states.to(device=device, dtype=dtype))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def checked_timesteps(self, num_train_timesteps: int) -> torch.Tensor:
+        """The timesteps as a CPU long tensor, after checking they are strictly descending and within 0..T−1."""
+        ts = self.timesteps.detach().reshape(-1).to("cpu", torch.long)
+        if ts.numel() == 0:
+            raise ValueError("the trajectory has no steps")
+        if bool((ts[1:] >= ts[:-1]).any()):
+            raise ValueError(f"trajectory timesteps must be strictly descending (sampling order), got {ts.tolist()}")
+        if int(ts.min()) < 0 or int(ts.max()) >= num_train_timesteps:
+            raise ValueError(f"trajectory timesteps {ts.tolist()} are outside the model's range "
+                             f"0..{num_train_timesteps - 1}")
+        return ts
+
+    def previous_timesteps(self, num_train_timesteps: int) -> torch.Tensor:
+        """``[K]``: the timestep each step lands on (``timesteps[k + 1]``; −1 for the last step), as diffusers'
+        ``DDPMScheduler.previous_timestep`` does after ``set_timesteps``."""
+        ts = self.checked_timesteps(num_train_timesteps)
+        return torch.cat([ts[1:], ts.new_tensor([-1])])
 
 
 @dataclass
@@ -62,7 +111,6 @@ def sample(model: DiffusionModel, num_samples: int | None = None, *, seed: int =
     keep_trajectory:
         Keep x_T and every intermediate x_{t-1} (``result.trajectory``, on the CPU, in the model's dtype).
     """
-    from tqdm.auto import tqdm
 
     if ids is None:
         if num_samples is None or isinstance(num_samples, bool) or int(num_samples) < 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
 from .._io import atomic_write
@@ -185,7 +186,6 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
         Stop once this many steps are done (saving a checkpoint first) by raising :class:`TrainingInterrupted`;
         call again with the same ``checkpoint_dir`` to continue.
     """
-    from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):

@@ -118,7 +118,7 @@ def clip_image_encoder(path: str | Path, *, image_size: int = 224) -> Callable[[
     CLIP's mean/std; the output is the projected image embedding. Nothing is downloaded.
     """
     try:
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection  # optional: only the CLIP baseline needs it
     except ImportError as e:  # pragma: no cover - depends on the user's environment
         raise ImportError("clip_image_encoder needs the 'transformers' package (pip install transformers); "
                           "or pass any other encoder callable to feature_similarity") from e

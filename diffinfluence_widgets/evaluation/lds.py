@@ -33,6 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from .retrain import RetrainJob
+
 __all__ = [
     "Subsets", "LDSResult", "generate_subsets", "predicted_changes", "spearman", "lds", "oracle_lds",
     "score_matrix_for", "lds_jobs", "lds_targets",
@@ -266,8 +268,6 @@ def lds_jobs(subsets: Subsets, seeds: Sequence[int]) -> list:
     Seed k is shared by every subset, so models of different subsets differ by their data and not by their
     initialisation or noise draws (common random numbers in training, too).
     """
-    from .retrain import RetrainJob
-
     seeds = [int(s) for s in seeds]
     return [RetrainJob(tuple(subsets.kept_ids(m).tolist()), s, tag=f"lds/m{m:03d}/seed{s}")
             for m in range(len(subsets)) for s in seeds]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_write as _atomic_write
+from ..config import DEFAULT_KFAC_DAMPING, KFAC_METHODS, Approximation, Fisher, check_damping, choice
 from ..diffusion.draws import draw_noise, example_generator
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
@@ -50,31 +51,22 @@ from .gradients import LayerGradients
 __all__ = ["Curvature", "fit_curvature", "read_manifest", "fit_factors", "FactorProblem", "check_damping", "METHODS",
            "KFAC_APPROXES", "FISHER_TYPES", "DEFAULT_CURVATURE_DRAWS", "DEFAULT_DAMPING"]
 
-METHODS = ("ekfac", "kfac")
-KFAC_APPROXES = ("expand", "reduce")
-FISHER_TYPES = ("model", "empirical", "exact")
+#: the K-FAC family, its approximations and Fisher types (the names live in :mod:`diffinfluence_widgets.config`)
+METHODS = tuple(m.value for m in KFAC_METHODS)
+KFAC_APPROXES = tuple(m.value for m in Approximation)
+FISHER_TYPES = tuple(m.value for m in Fisher)
 #: draws of (t, ε) per training image for the factors (the paper used 125–1000)
 DEFAULT_CURVATURE_DRAWS = 125
 #: the paper's untuned damping for the K-FAC family
-DEFAULT_DAMPING = 1e-8
+DEFAULT_DAMPING = DEFAULT_KFAC_DAMPING
 FORMAT_VERSION = 1
 
 
-def check_damping(damping) -> float:
-    """Return ``float(damping)`` or raise a clear error: damping must be a finite number > 0."""
-    try:
-        lam = float(damping)
-    except (TypeError, ValueError):
-        raise TypeError(f"damping must be a positive number, got {damping!r}") from None
-    if not (lam > 0) or lam == float("inf"):
-        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-    return lam
-
-
-def _choice(value: str, allowed: Sequence[str], what: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{what}={value!r} is not one of {list(allowed)}")
-    return value
+def _check_choices(method, kfac_approx, fisher) -> tuple[str, str, str]:
+    """The curvature's three choices as plain strings, or a ``ValueError`` naming the bad one."""
+    if str(method) not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
+    return str(method), str(choice(Approximation, kfac_approx, "kfac_approx")), str(choice(Fisher, fisher, "fisher"))
 
 
 def read_manifest(path: Path, payload: str, fmt: str, what: str, *, model=None, dataset=None,
@@ -214,9 +206,7 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
     its own shard of the data. With ``checkpoint`` (a file path), partial sums are saved atomically after every
     batch and an interrupted fit resumes where it stopped.
     """
-    _choice(method, METHODS, "method")
-    _choice(kfac_approx, KFAC_APPROXES, "kfac_approx")
-    _choice(fisher, FISHER_TYPES, "fisher")
+    method, kfac_approx, fisher = _check_choices(method, kfac_approx, fisher)
     names = list(problem.layers)
     dev = next(iter(problem.layers.values())).weight.device
     sums: dict[str, torch.Tensor] = {}
@@ -470,9 +460,7 @@ def fit_curvature(model: DiffusionModel, dataset, *, method: str = "ekfac", kfac
     contiguous shard of the dataset and factor sums are all-reduced, so every rank ends with the same curvature.
     ``checkpoint_dir`` makes the fit resumable after an interruption.
     """
-    _choice(method, METHODS, "method")
-    _choice(kfac_approx, KFAC_APPROXES, "kfac_approx")
-    _choice(fisher, FISHER_TYPES, "fisher")
+    method, kfac_approx, fisher = _check_choices(method, kfac_approx, fisher)
     if int(num_draws) < 1:
         raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
     images, ids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)

@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.model import DiffusionModel, resolve_device
-from ..measurements import Measurement, Trajectory, band_masks, get_measurement
+from ..diffusion.sampling import Trajectory
+from ..measurements import Measurement, band_masks, get_measurement
 from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
 
 __all__ = ["LayerGradients", "per_example_gradients", "iter_gradients", "tracked_layers", "layer_shapes",

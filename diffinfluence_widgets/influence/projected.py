@@ -13,7 +13,7 @@ convolution of the output gradient. A side that is not larger than its ``k`` (``
 exact isometry there) is cheaper to contract first and project afterwards, which is what happens.
 
 Training-side features that need the per-layer gradient in full (the whitened eigenbasis store of
-:mod:`..index`, where the EK-FAC eigenvalues break the Kronecker structure) are computed one layer and one
+:mod:`..store`, where the EK-FAC eigenvalues break the Kronecker structure) are computed one layer and one
 chunk of draws at a time from the same backward pass (``layer_features``), so memory is still bounded by the
 batch and the largest layer, never by the parameter count.
 

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..diffusion.model import DiffusionModel
-from ..measurements import Measurement, Trajectory, get_measurement
+from ..diffusion.sampling import Trajectory
+from ..measurements import Measurement, get_measurement
 from .._io import atomic_write as _atomic_write
-from .curvature import DEFAULT_DAMPING, Curvature, check_damping, read_manifest
+from ..config import DEFAULT_KFAC_DAMPING, check_damping
+from .curvature import Curvature, read_manifest
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
@@ -123,7 +125,7 @@ def preconditioned_query_gradients(curvature: Curvature | None, grads: LayerGrad
 
 def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_images: torch.Tensor,
                    query_ids: Sequence[int] | torch.Tensor, train, *, measurement: str | Measurement = "loss",
-                   damping: float | Sequence[float] = DEFAULT_DAMPING, num_draws: int | None = None,
+                   damping: float | Sequence[float] = DEFAULT_KFAC_DAMPING, num_draws: int | None = None,
                    train_num_draws: int | None = None, seed: int = 0, train_seed: int | None = None,
                    trajectory: Trajectory | None = None, bands: Sequence[tuple[int, int]] | None = None,
                    train_measurement: str | Measurement = "loss", batch_size: int = 32, max_rows: int = 512,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import check_damping
+
 __all__ = ["TRAKScorer", "DEFAULT_RELATIVE_DAMPING"]
 
 #: default λ for the TRAK family, as a multiple of the mean eigenvalue of ΦᵀΦ (see :meth:`TRAKScorer.default_damping`).
@@ -58,7 +60,7 @@ class TRAKScorer:
 
     @classmethod
     def from_store(cls, store, array: str = "features", cache: bool = True) -> "TRAKScorer":
-        """Build from a :class:`~diffinfluence_widgets.index.ProjectedStore`; the eigendecomposition is cached in
+        """Build from a :class:`~diffinfluence_widgets.store.ProjectedStore`; the eigendecomposition is cached in
         the store folder (keyed by the shards' checksums, written atomically)."""
         feats = store.arrays[array]
         key = hashlib.sha256("".join(s["sha256"] for s in store.manifest["shards"]).encode() + array.encode())
@@ -95,13 +97,7 @@ class TRAKScorer:
 
     def query_feature(self, rotated: np.ndarray, damping: float) -> np.ndarray:
         """``(ΦᵀΦ + λI)⁻¹ φ_q`` from the rotated query (float64); search it against Φ."""
-        lam = float(damping)
-        if not np.isfinite(lam) or lam < 0:
-            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
-        denom = self.sigma + lam
-        if np.any(denom <= 0):
-            raise ValueError("ΦᵀΦ is singular; TRAK needs a positive damping")
-        return (rotated / denom) @ self.u.T
+        return (rotated / (self.sigma + check_damping(damping))) @ self.u.T
 
     def scores(self, rotated: np.ndarray, damping: float) -> np.ndarray:
         """``[..., N]`` scores of every training example (float64)."""

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 from ..backend import PreparedQuery, QueryItem, SearchResult
 
@@ -49,7 +50,6 @@ class StandInBackend:
 
     def __init__(self, num_train: int = 600, num_heldout: int = 6, num_generated: int = 6, dim: int = 48,
                  seed: int = 0, prepare_delay: float = 0.0, fail_query: int | None = None):
-        from sklearn.datasets import load_digits
 
         digits = load_digits()
         x = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # [1797, 8, 8] in [-1, 1]

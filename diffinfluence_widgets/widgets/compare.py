@@ -5,7 +5,8 @@ import html
 
 import ipywidgets as W
 
-from ..session import AttributionSession, CompareResult
+from ..results import CompareResult
+from ..session import AttributionSession
 from .controls import METHOD_HELP, _label
 from .gallery import InfluenceGallery
 from .plots import LazyRedraw

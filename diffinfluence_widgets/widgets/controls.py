@@ -24,6 +24,7 @@ METHOD_HELP = {
     "trak": "TRAK (projected, GGN of the loss)",
     "dtrak": "D-TRAK (square-norm gradients)",
     "journey_trak": "Journey-TRAK (generated queries)",
+    "identity": "gradient dot product (no curvature)",
     "similarity": "pixel similarity baseline",
 }
 

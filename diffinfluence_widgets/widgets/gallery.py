@@ -13,7 +13,8 @@ import anywidget
 import traitlets
 
 from ..backend import SIGN_CONVENTION
-from ..session import AttributionSession, InfluenceResult
+from ..results import InfluenceResult
+from ..session import AttributionSession
 
 __all__ = ["InfluenceGallery", "SIGN_TEXT"]
 

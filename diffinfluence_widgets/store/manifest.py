@@ -1,0 +1,98 @@
+"""Store manifests: format, errors, canonical JSON and the digests a manifest records."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .. import distributed as dist_utils
+
+__all__ = ["STORE_FORMAT", "STORE_VERSION", "StoreError", "StoreCorruptError", "StoreMismatchError"]
+
+
+STORE_FORMAT = "diffinfluence-projected-store"
+
+
+STORE_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """Something is wrong with a projected-gradient store."""
+
+
+class StoreCorruptError(StoreError):
+    """A shard is missing, truncated or fails its checksum."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was built for another model, dataset or setting."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for blk in iter(lambda: f.read(1 << 20), b""):
+            h.update(blk)
+    return h.hexdigest()
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode()
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, torch.dtype):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _canonical(obj):
+    """JSON round trip so tuples/lists and int/float types compare the way they are stored."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _barrier() -> None:
+    if dist_utils.is_distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+def _diff_settings(found: Mapping, expected: Mapping) -> list[str]:
+    keys = sorted(set(found) | set(expected))
+    return [f"{k}: store has {found.get(k)!r}, expected {expected.get(k)!r}" for k in keys
+            if found.get(k) != expected.get(k)]
+
+
+def _settings_digest(head: Mapping) -> str:
+    key = {k: head[k] for k in ("settings", "ids_sha256", "shard_size")}
+    return hashlib.sha256(_json_bytes(key)).hexdigest()[:16]
+
+
+def _curvature_fingerprint(curvature) -> str | None:
+    if curvature is None:
+        return None
+    h = hashlib.sha256()
+    h.update(_json_bytes({"settings": getattr(curvature, "settings", {}),
+                          "model": getattr(curvature, "model_fingerprint", ""),
+                          "dataset": getattr(curvature, "dataset_fingerprint", "")}))
+    for n in curvature.layer_names:
+        h.update(n.encode())
+        h.update(curvature.eigenvalues[n].detach().to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
