@@ -372,6 +372,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from . import distributed as dist_utils
     from .evaluation.command import run_on_data
     from .evaluation.run import evaluate_methods, lds_table
 
@@ -382,13 +383,18 @@ def cmd_evaluate(args) -> int:
             setattr(args, k, v)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    art = _build(args, "index")
+    # under torchrun: rank 0 builds (or reuses) the demo alone, then every rank joins and shares the retraining
+    if dist_utils.env_rank() != 0:
+        args.rebuild = False
+    art = dist_utils.rank0_first(lambda: _build(args, "index"), device=args.device)
     try:
         result, path = evaluate_methods(art, methods, num_queries=args.num_queries, num_subsets=args.num_subsets,
                                         seeds=args.seeds, workers=args.workers, measure_draws=args.measure_draws,
                                         device=args.device, out=args.out, progress=not args.quiet)
     except ValueError as e:
         raise SystemExit(f"diffinfluence evaluate: {e}") from None
+    if dist_utils.env_rank() != 0:
+        return 0  # every rank holds the same result; rank 0 reports
     print("\n" + lds_table(result))
     print(f"\nwrote {path}")
     return 0

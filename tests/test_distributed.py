@@ -43,16 +43,16 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    import diffinfluence_widgets.influence.gradients as grads
+    import diffinfluence_widgets.store.features as features
 
     seen: list[int] = []
-    real = grads.per_example_gradients
+    real = features.projected_gradients  # the store's factor-wise projected gradients
 
     def spy(model, images, ids, *a, **k):  # record which training examples this rank differentiates
         seen.extend(int(i) for i in ids)
         return real(model, images, ids, *a, **k)
 
-    grads.per_example_gradients = spy
+    features.projected_gradients = spy
     try:
         store, curv = _build(Path(out))
         Path(out, f"rank{rank}.json").write_text(json.dumps({"ids": seen, "n": len(store)}))

@@ -11,7 +11,13 @@ without the top influences a few more, and they take most of an evaluation's tim
 * **Resume.** Finished jobs are skipped. An unfinished job trains with ``checkpoint_dir=checkpoints/<key>``, so a
   job killed mid-way continues from its own last training checkpoint; the checkpoint is deleted once the job's
   model is in place.
-* **Parallel.** ``num_workers > 1`` runs jobs in that many spawned processes, each with
+* **Distributed.** With ``num_workers=1`` jobs are *claimed* (:mod:`..claims`: ``O_EXCL`` claim files with a
+  heartbeat lease under ``claims/``), so any number of processes sharing ``cache_dir`` — the ranks of a
+  ``torchrun`` job on one or many machines, on a shared filesystem — split the work without a scheduler: each rank
+  drains the same job list, starting at its own offset, and returns when every job is done. A dead rank's claim
+  is taken over (at once on the same host, after the lease elsewhere) and its job resumes from its checkpoint.
+  Results are the same as a single process's, bit for bit: a job's result depends only on its content.
+* **Parallel on one machine.** ``num_workers > 1`` runs jobs in that many spawned processes, each with
   ``torch.set_num_threads(1)``. If a worker dies (e.g. SIGKILL), the run raises ``BrokenProcessPool``; running it
   again resumes.
 * **Ground truth with common random numbers.** :meth:`RetrainCache.measure` measures every job's model on the
@@ -45,8 +51,10 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_bytes, atomic_write_text
+from ..claims import JobClaims, drain
 from ..data.dataset import ImageDataset
 from ..diffusion.model import DiffusionModel
+from ..distributed import rank_and_world
 from ..measurements import get_measurement, measure
 
 __all__ = ["RetrainJob", "RetrainCache", "model_spec_of", "config_to_dict"]
@@ -288,11 +296,17 @@ class RetrainCache:
                     self.train_fn, device)
 
         if num_workers <= 1:
-            for i, job in enumerate(todo):
-                _train_job(*args(job), dataset=self.dataset)
+            # claim-based: under torchrun (or any number of processes sharing cache_dir) every rank drains the same
+            # list; a job is trained by whichever rank claims it first, a dead rank's job is taken over
+            count = [0]
+
+            def done(job: RetrainJob, by_me: bool) -> None:
+                count[0] += 1
                 if progress:
-                    print(f"[retrain] {i + 1}/{len(todo)} {job.tag or self.key(job)} "
-                          f"({time.time() - t0:.0f}s)", flush=True)
+                    print(f"[retrain] {count[0]}/{len(todo)} {job.tag or self.key(job)} "
+                          f"({'trained here' if by_me else 'done elsewhere'}, {time.time() - t0:.0f}s)", flush=True)
+            self._drain(todo, lambda job: f"train-{self.key(job)}", self.is_done,
+                        lambda job: _train_job(*args(job), dataset=self.dataset), done)
         elif todo:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=int(num_workers), mp_context=ctx, initializer=_worker_init,
@@ -306,6 +320,15 @@ class RetrainCache:
         for job in jobs:
             self.check_manifest(job)
         return [self.job_dir(job) for job in jobs]
+
+    def _drain(self, items: list, key: Callable, is_done: Callable, work: Callable,
+               on_done: Callable | None = None) -> None:
+        rank, world = rank_and_world()
+        claims = JobClaims(self.root / "claims")
+        try:  # ranks start at evenly spaced offsets of the list, so they rarely contend for a claim
+            drain(items, key, is_done, work, claims, start=(len(items) * rank) // world, on_done=on_done)
+        finally:
+            claims.close()
 
     # -------------------------------------------------------------- ground truth
     def measure(self, jobs: Sequence[RetrainJob], images: torch.Tensor, ids: Sequence[int], *,
@@ -332,7 +355,11 @@ class RetrainCache:
         argl = [(str(self.job_dir(job)), images, ids, name, int(num_draws), int(seed), cache_name, device)
                 for job in jobs]
         if num_workers <= 1:
-            rows = [_measure_job(*a) for a in argl]
+            def target(a: tuple) -> Path:
+                return Path(a[0]) / "measurements" / f"{cache_name}.npy"
+            self._drain(argl, lambda a: f"measure-{Path(a[0]).name}-{cache_name}", lambda a: target(a).is_file(),
+                        lambda a: _measure_job(*a))
+            rows = [np.load(target(a)) for a in argl]
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(max_workers=int(num_workers), mp_context=ctx, initializer=_worker_init,

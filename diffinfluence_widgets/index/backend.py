@@ -23,7 +23,8 @@ from ..backend import PreparedQuery, SearchResult
 from ..config import IndexConfig, IndexKind, StoreConfig, StoreSpace, check_damping, split_settings
 from ..influence.gradients import layer_shapes, per_example_gradients
 from ..influence.preconditioners import Preconditioner, PreconditionerContext, make_preconditioner
-from ..influence.projection import make_projector
+from ..influence.projected import projected_gradients, whitened_layer_feature
+from ..influence.projection import KroneckerProjector, make_projector
 from ..measurements import get_measurement, timestep_bands
 from ..store import ProjectedStore, StoreError, StoreMismatchError, build_store, store_feature_fn
 from ..store.manifest import _canonical, _curvature_fingerprint, _json_bytes
@@ -203,6 +204,13 @@ class IndexBackend:
         images, ids = self.train.images, torch.as_tensor(self.train.ids, dtype=torch.long)
 
         def compute(lo: int, hi: int):
+            if self.on_train_gradients is None and isinstance(self.projector, KroneckerProjector):
+                # factor-wise (LoGra-style): the whole per-example gradient is never formed
+                extra = ({"eigen": whitened_layer_feature(self.projector, self.curvature, self.whiten_damping)}
+                         if with_eigen else None)
+                return projected_gradients(self.model, images[lo:hi], ids[lo:hi], self.projector, measurement,
+                                           num_draws=self.num_draws, seed=self.draw_seed,
+                                           batch_size=self.batch_size, layer_features=extra, device=self.device)
             g = per_example_gradients(self.model, images[lo:hi], ids[lo:hi], measurement, num_draws=self.num_draws,
                                       seed=self.draw_seed, batch_size=self.batch_size, device=self.device)
             if self.on_train_gradients is not None:  # e.g. a benchmark accumulating exact scores in the same pass

@@ -109,6 +109,11 @@ class CallRecord:
             self._a = _unfold(self.module, self.x)
         return self._a
 
+    def drop_unfolded_(self) -> None:
+        """Free the cached unfolded (im2col) input: a conv's is ``kh·kw`` times its input, so holding every
+        layer's at once would make a pass's memory that of the whole network's patches, not one layer's."""
+        self._a = None
+
     @property
     def b_cols(self) -> torch.Tensor:
         """``[rows, d_out, R]``."""
@@ -172,12 +177,12 @@ class CallRecord:
                 m.groups, [False, True, False])[1].reshape(o, -1)
 
         d_in = out.shape[-1] - (1 if self.has_bias else 0)
+        if masks is None and self.has_bias:  # all examples' bias gradients in one reduction
+            out[..., d_in] += g.reshape(B, k, o, -1).sum(dim=(1, 3))
         for n in range(B):
             xs, gs = x[n * k:(n + 1) * k], g[n * k:(n + 1) * k]
             if masks is None:
                 out[n, :, :d_in] += wgrad(gs, xs)
-                if self.has_bias:
-                    out[n, :, d_in] += gs.sum(dim=(0, 2, 3))
             else:
                 for j in range(masks.shape[0]):
                     w = masks[j, n].to(gs.dtype)

@@ -233,6 +233,8 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
                             A[d_in, :d_in] += s_a
                             A[d_in, d_in] += a_cols.shape[0] * a_cols.shape[2]
                         sums[f"nA/{n}"] += a_cols.shape[0] * a_cols.shape[2]
+                        del a_cols
+                        rec.drop_unfolded_()  # one layer's im2col copy alive at a time
                     sums[f"B/{n}"] += _cov(rec.b_cols)
             else:
                 a, b = _concat_calls(cap, n)

@@ -82,6 +82,8 @@ class LayerGradients:
     def cat(parts: Sequence["LayerGradients"]) -> "LayerGradients":
         if not parts:
             raise ValueError("no gradients to concatenate")
+        if len(parts) == 1:  # no copy: on CPU a fresh B × P buffer costs as much as computing it (page faults)
+            return parts[0]
         names = parts[0].layer_names
         bands = None
         if parts[0].band_layers is not None:

@@ -7,6 +7,8 @@ import torch
 
 from ..config import StoreSpace, choice
 from ..influence.gradients import per_example_gradients
+from ..influence.projected import projected_gradients, whitened_layer_feature
+from ..influence.projection import KroneckerProjector
 from .manifest import _curvature_fingerprint
 from .shards import ProjectedStore, build_store
 
@@ -61,6 +63,13 @@ def build_gradient_store(path: str | Path, model, dataset, projector, *, measure
     images, ids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)
 
     def compute(lo: int, hi: int):
+        if isinstance(projector, KroneckerProjector):  # factor-wise: no per-example gradient is ever formed
+            eigen = space == StoreSpace.EIGEN
+            extra = {"eigen": whitened_layer_feature(projector, curvature, whiten_damping)} if eigen else None
+            out = projected_gradients(model, images[lo:hi], ids[lo:hi], projector, measurement,
+                                      num_draws=num_draws, seed=seed, batch_size=batch_size, layer_features=extra,
+                                      device=device)
+            return {"features": out["eigen" if eigen else "features"]}
         g = per_example_gradients(model, images[lo:hi], ids[lo:hi], measurement, num_draws=num_draws, seed=seed,
                                   batch_size=batch_size, device=device)
         return {"features": feat(g.layers)}
