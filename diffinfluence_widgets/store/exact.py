@@ -38,7 +38,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from .._io import atomic_write_bytes, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text, sha256_file as _sha256_file
 from ..influence.gradients import per_example_gradients
 
 __all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
@@ -83,14 +83,6 @@ def _canonical(obj):
 
 def _shard(s: int) -> str:
     return f"shard-{s:05d}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 22), b""):
-            h.update(blk)
-    return h.hexdigest()
 
 
 def _settings_digest(head: Mapping) -> str:
