@@ -6,6 +6,9 @@ wherever a member is expected (:func:`choice` turns them into members, with an e
 
 The damping rule (:func:`check_damping`) is the only check of a damping λ anywhere: the curvature, the TRAK scorer,
 the preconditioners, the backend and the session all call it, so λ = 0, negative, NaN and ∞ are refused alike.
+:func:`relative_damping` states λ relative to the curvature's scale τ (its mean eigenvalue): λ = rel · τ. Unlike an
+absolute λ, a relative one means the same thing for every model, loss scale and image size: multiplying the loss
+by c multiplies G, τ and the gradients by c, so with λ = rel · τ every score is multiplied by c (rankings unchanged).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ except ImportError:  # Python 3.10: the same behaviour for our purposes
             return str(self.value)
 
 __all__ = ["StrEnum", "Method", "Approximation", "Fisher", "StoreSpace", "IndexKind", "choice", "check_damping",
-           "DEFAULT_KFAC_DAMPING", "DEFAULT_METHODS", "KFAC_METHODS", "TRAK_METHODS", "StoreConfig", "IndexConfig"]
+           "relative_damping", "DEFAULT_KFAC_DAMPING", "DEFAULT_METHODS", "KFAC_METHODS", "TRAK_METHODS",
+           "StoreConfig", "IndexConfig"]
 
 
 class Method(StrEnum):
@@ -97,6 +101,21 @@ def check_damping(damping: Any) -> float:
     if not (math.isfinite(lam) and lam > 0):
         raise ValueError(f"damping must be a positive finite number (λ > 0), got {damping!r}")
     return lam
+
+
+def relative_damping(relative: Any, scale: Any) -> float:
+    """The relative damping rule: ``λ = relative · scale``, ``scale`` the curvature's mean eigenvalue τ.
+
+    Both must be finite and > 0 (a ``ValueError`` naming the bad one); the product passes :func:`check_damping`.
+    """
+    for what, v in (("relative damping", relative), ("curvature scale τ (mean eigenvalue)", scale)):
+        try:
+            ok = math.isfinite(float(v)) and float(v) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{what} must be a positive finite number, got {v!r}")
+    return check_damping(float(relative) * float(scale))
 
 
 def _positive_int(owner: str, name: str, v: Any, minimum: int = 1) -> None:

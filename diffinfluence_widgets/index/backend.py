@@ -130,6 +130,8 @@ class IndexBackend:
                                         self.switch_damping, query_dtype)
             self.preconditioners[str(m)] = make_preconditioner(ctx)
         self.default_damping = {m: p.default_damping for m, p in self.preconditioners.items()}
+        #: τ per method: λ = rel · τ is the relative damping rule (:meth:`relative_damping`)
+        self.damping_scale = {m: p.damping_scale for m, p in self.preconditioners.items()}
         kind = cfg.index_kind
         if kind == IndexKind.AUTO:
             kind = IndexKind.FLAT if len(self.train_ids) <= cfg.auto_flat_max else IndexKind.IVF

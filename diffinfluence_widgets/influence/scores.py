@@ -25,6 +25,7 @@ from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, get_measurement
 from .._io import atomic_write as _atomic_write
 from ..config import DEFAULT_KFAC_DAMPING, check_damping
+from ..config import relative_damping as relative_damping_rule
 from .curvature import Curvature, read_manifest
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
@@ -125,7 +126,8 @@ def preconditioned_query_gradients(curvature: Curvature | None, grads: LayerGrad
 
 def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_images: torch.Tensor,
                    query_ids: Sequence[int] | torch.Tensor, train, *, measurement: str | Measurement = "loss",
-                   damping: float | Sequence[float] = DEFAULT_KFAC_DAMPING, num_draws: int | None = None,
+                   damping: float | Sequence[float] | None = None,
+                   relative_damping: float | Sequence[float] | None = None, num_draws: int | None = None,
                    train_num_draws: int | None = None, seed: int = 0, train_seed: int | None = None,
                    trajectory: Trajectory | None = None, bands: Sequence[tuple[int, int]] | None = None,
                    train_measurement: str | Measurement = "loss", batch_size: int = 32, max_rows: int = 512,
@@ -137,10 +139,28 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     gradients are computed once for all of them (a list of :class:`Scores` is returned). ``train_measurement``
     stays ``"loss"`` for the method; D-TRAK-style variants pass ``"square_norm"``. ``curvature=None`` scores with
     the identity (a plain gradient dot product).
+
+    Damping: ``damping`` is the absolute λ (default: the paper's untuned 1e-8); ``relative_damping`` instead gives
+    λ = rel · τ with τ = :meth:`Curvature.mean_eigenvalue` (:func:`~diffinfluence_widgets.config.relative_damping`),
+    which means the same for any model and loss scale. Give at most one of the two.
     """
     meas = get_measurement(measurement)
-    single = isinstance(damping, (int, float))
-    lams = [check_damping(d) for d in ([damping] if single else damping)]
+    tau = None
+    if relative_damping is not None:
+        if damping is not None:
+            raise ValueError(f"give damping={damping!r} or relative_damping={relative_damping!r}, not both")
+        if curvature is None:
+            raise ValueError("relative_damping needs a curvature (its mean eigenvalue is the scale); "
+                             "curvature=None scores with the identity")
+        tau = curvature.mean_eigenvalue()
+        single = isinstance(relative_damping, (int, float))
+        rels = [relative_damping] if single else list(relative_damping)
+        lams = [relative_damping_rule(r, tau) for r in rels]
+    else:
+        damping = DEFAULT_KFAC_DAMPING if damping is None else damping
+        single = isinstance(damping, (int, float))
+        rels = None
+        lams = [check_damping(d) for d in ([damping] if single else damping)]
     if curvature is not None and curvature.model_fingerprint and curvature.model_fingerprint != model.fingerprint():
         raise ValueError(f"curvature was fitted for model {curvature.model_fingerprint}, not for this model "
                          f"({model.fingerprint()})")
@@ -167,7 +187,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     out = []
     for i, lam in enumerate(lams):
         settings = {"measurement": meas.name, "train_measurement": get_measurement(train_measurement).name,
-                    "damping": lam, "num_draws": qg.meta["num_draws"],
+                    "damping": lam, "relative_damping": None if rels is None else float(rels[i]),
+                    "curvature_scale": tau, "num_draws": qg.meta["num_draws"],
                     "train_num_draws": int(train_num_draws or DEFAULT_GRADIENT_DRAWS), "seed": int(seed),
                     "train_seed": int(seed if train_seed is None else train_seed),
                     "curvature": dict(curvature.settings) if curvature is not None else {"method": "identity"}}
