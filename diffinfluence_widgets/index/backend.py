@@ -290,6 +290,13 @@ class IndexBackend:
         store, array = self._array(p, damping)
         return self.stores[store].arrays[array]
 
+    def relative_damping(self, method: str, relative: float) -> float:
+        """The absolute λ = ``relative`` · τ of ``method`` (:attr:`damping_scale`: the mean (E)K-FAC eigenvalue, or
+        that of ΦᵀΦ for the TRAK family); the rule of :func:`~diffinfluence_widgets.config.relative_damping`."""
+        if str(method) not in self.preconditioners:
+            raise KeyError(f"method {method!r} is not in this backend (have {list(self.preconditioners)})")
+        return self.preconditioners[str(method)].relative_damping(relative)
+
     def scores(self, prepared, damping: float) -> np.ndarray:
         """Scores of every training example (``[N]`` float64, :attr:`train_ids` order) at damping λ."""
         q = self._query_features(prepared, damping)[0]
