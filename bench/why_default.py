@@ -169,6 +169,12 @@ class Experiment:
         self.kfac_variant("EK-FAC train draws 128", "draws", tdraws=128)
         self.kfac_variant("EK-FAC query 256 + train 128 draws", "draws", qdraws=256, tdraws=128)
 
+    def draws2(self):
+        self.kfac_variant("EK-FAC query 512 + train 256 draws", "draws", qdraws=512, tdraws=256)
+        self.kfac_variant("EK-FAC query 512 + train 256 draws rel=1e-2", "draws", qdraws=512, tdraws=256, rel=1e-2)
+        self.kfac_variant("EK-FAC query 256 + train 256 draws", "draws", qdraws=256, tdraws=256)
+        self.kfac_variant("EK-FAC query 512 + train 128 draws", "draws", qdraws=512, tdraws=128)
+
     def meas(self):
         self.kfac_variant("EK-FAC query ELBO*", "meas", qmeas="elbo_simplified")
         self.kfac_variant("EK-FAC query square norm", "meas", qmeas="square_norm")
@@ -203,6 +209,20 @@ class Experiment:
             if k:
                 self.record(f"EK-FAC ensemble of {k + 1} models λ=1e-8", "ensemble", total["abs"] / (k + 1))
                 self.record(f"EK-FAC ensemble of {k + 1} models rel=1e-2", "ensemble", total["rel"] / (k + 1))
+
+    def ensemble_draws(self, seeds=(0, 1, 2)):
+        """The two effects together: 3 models, 512 query / 128 training draws each."""
+        total = None
+        for k, s in enumerate(seeds):
+            m = self.cache.load(RetrainJob(tuple(self.train.ids.tolist()), s, tag=f"full/seed{s}"))
+            m.unet.eval()
+            key = "" if s == 0 else f"seed{s}"
+            curv = self.curvature("ekfac", model=m, key=key)
+            gq, _ = self.grads("query", draws=512, model=m, key=key)
+            gt, names = self.grads("train", draws=128, model=m, key=key)
+            sc = self.scores(curv, gq, flat(gt, names), 1e-8)
+            total = sc if total is None else total + sc
+        self.record(f"EK-FAC ensemble of {len(seeds)} models, query 512 + train 128 draws", "ensemble", total / 3)
 
     def pixel(self):
         sim = pixel_similarity(self.q_images, self.train, query_ids=self.q_ids)
