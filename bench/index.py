@@ -130,6 +130,64 @@ def bench_latency(n: int, k: int, repeats: int, kinds=("flat", "ivf")) -> dict:
     return out
 
 
+def spectrum_features(n: int, k: int, seed: int = 0, clusters: int = 2000, rank: int = 128,
+                      decay: float = 0.7) -> np.ndarray:
+    """Realistic score structure: clustered low-rank features whose rank-``rank`` part has a decaying spectrum
+    (σ_i ∝ (i + 1)^−decay, in a random orthonormal basis of R^k), plus weak isotropic noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((k, rank)))[0].T.astype(np.float32)  # [rank, k] orthonormal rows
+    basis *= ((np.arange(rank) + 1.0) ** -decay).astype(np.float32)[:, None]
+    centers = rng.standard_normal((clusters, rank)).astype(np.float32)
+    out = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, 20_000):
+        hi = min(n, lo + 20_000)
+        z = centers[rng.integers(0, clusters, hi - lo)] + 0.5 * rng.standard_normal((hi - lo, rank), dtype=np.float32)
+        out[lo:hi] = z @ basis
+        out[lo:hi] += 0.02 * rng.standard_normal((hi - lo, k), dtype=np.float32)
+    return out
+
+
+def bench_scale(n: int, k: int, repeats: int, nprobe: int = 32) -> dict:
+    """Damping change → refreshed top-20 (both sides) on a synthetic store of N examples with a decaying spectrum:
+    IVF against the exact flat search in the same projected space (recall@20), memory and disk per example."""
+    from diffinfluence_widgets.diffusion.model import DiffusionModel, demo_unet_config
+    from diffinfluence_widgets.index import FeatureIndex, KFACQuery
+    from diffinfluence_widgets.influence.gradients import layer_shapes
+    from diffinfluence_widgets.influence.projection import make_projector
+
+    shapes = layer_shapes(DiffusionModel.from_config(demo_unet_config(), seed=0))
+    curv = synthetic_curvature(shapes)
+    proj = make_projector(shapes, k)
+    t0 = time.perf_counter()
+    feats = spectrum_features(n, k)
+    t_gen = time.perf_counter() - t0
+    ids = np.arange(n, dtype=np.int64)
+    engine = KFACQuery(curv, proj, space="eigen", whiten_damping=1e-8, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    rotated = engine.rotate({nm: torch.randn(1, *s, generator=g, dtype=torch.float64) for nm, s in shapes.items()})
+    dampings = 10 ** np.random.default_rng(0).uniform(-9, -2, repeats)
+    out = {"N": n, "k": k, "generation_s": t_gen, "store_bytes_per_example": 4 * k + 8}
+    flat = FeatureIndex(feats, ids, kind="flat")
+    t0 = time.perf_counter()
+    ivf = FeatureIndex(feats, ids, kind="ivf", nprobe=nprobe)
+    out["ivf_build_s"] = time.perf_counter() - t0
+    out["ivf_nlist"], out["ivf_nprobe"] = int(ivf.index.nlist), int(ivf.index.nprobe)
+    del feats  # FAISS holds its own copies: flat (reference) and IVF
+    tt, rec = [], []
+    for lam in dampings:
+        a = time.perf_counter()
+        q = engine.project(rotated, float(lam))[0].numpy()
+        pi, _, oi, _ = ivf.proponents_opponents(q, 20)
+        tt.append(time.perf_counter() - a)
+        fp, _, fo, _ = flat.proponents_opponents(q, 20)
+        rec.append((len(set(pi) & set(fp)) + len(set(oi) & set(fo))) / 40)
+    out.update({"median_ms": _pct(tt, 50), "p95_ms": _pct(tt, 95), "recall@20_vs_flat": float(np.mean(rec)),
+                "recall@20_min": float(np.min(rec)),
+                # IVF-Flat keeps each vector (4k B) and its id (8 B) in its inverted lists
+                "ivf_memory_bytes_per_example": 4 * k + 8})
+    return out
+
+
 def bench_projection_throughput(n: int = 512, k: int = 4096) -> dict:
     """Projection + shard writes alone (no gradient computation): examples per second."""
     import tempfile
@@ -346,8 +404,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--write", action="store_true", help="write the Index section of bench/RESULTS.md")
+    ap.add_argument("--scale", default=None, help="only the scale rows: comma-separated N (e.g. 100000,1000000), "
+                    "synthetic stores with a decaying spectrum at --scale-k")
+    ap.add_argument("--scale-k", type=int, default=512)
+    ap.add_argument("--scale-nprobe", type=int, default=96, help="IVF cells searched per query in the scale rows")
     args = ap.parse_args(argv)
     _threads(args.threads)
+    if args.scale:
+        rows = []
+        for n in [int(x) for x in args.scale.split(",")]:
+            r = bench_scale(n, args.scale_k, args.repeats, args.scale_nprobe)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        print("| N | k | median ms | p95 ms | recall@20 vs flat (mean / min) | IVF nlist / nprobe | IVF build s | "
+              "memory B / example | disk B / example |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['N']} | {r['k']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['recall@20_vs_flat']:.2f} / "
+                  f"{r['recall@20_min']:.2f} | {r['ivf_nlist']} / {r['ivf_nprobe']} | {r['ivf_build_s']:.0f} | "
+                  f"{r['ivf_memory_bytes_per_example']} | {r['store_bytes_per_example']} |")
+        return {"scale": rows}
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
            "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}

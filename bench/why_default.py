@@ -24,30 +24,56 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_benchmark import Settings, flat  # noqa: E402  (the benchmark's own settings and helpers)
-
-from diffinfluence_widgets.data import load_digits  # noqa: E402
-from diffinfluence_widgets.diffusion import DiffusionModel  # noqa: E402
-from diffinfluence_widgets.diffusion.sampling import sample  # noqa: E402
-from diffinfluence_widgets.evaluation.baselines import pixel_similarity  # noqa: E402
-from diffinfluence_widgets.evaluation.lds import (generate_subsets, lds, lds_targets, oracle_lds,  # noqa: E402
-                                                  predicted_changes)
-from diffinfluence_widgets.evaluation.retrain import RetrainCache, RetrainJob  # noqa: E402
-from diffinfluence_widgets.influence.curvature import fit_curvature  # noqa: E402
-from diffinfluence_widgets.influence.gradients import per_example_gradients  # noqa: E402
+from diffinfluence_widgets.data import load_digits
+from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
+from diffinfluence_widgets.diffusion.sampling import sample
+from diffinfluence_widgets.diffusion.train import TrainConfig
+from diffinfluence_widgets.evaluation.baselines import pixel_similarity
+from diffinfluence_widgets.evaluation.lds import generate_subsets, lds, lds_targets, oracle_lds, predicted_changes
+from diffinfluence_widgets.evaluation.retrain import RetrainCache, RetrainJob
+from diffinfluence_widgets.influence.curvature import fit_curvature
+from diffinfluence_widgets.influence.gradients import per_example_gradients
 
 REL = tuple(10.0 ** e for e in range(-6, 1))
 ABS = tuple(10.0 ** e for e in range(-8, 2))
 REFERENCE = "EK-FAC λ=1e-8 (default)"
+
+
+@dataclass(frozen=True)
+class QuickDigits:
+    """The ``--quick`` digits preset of the 2026-11-28 benchmark runs (Run A): the cache's models are keyed by
+    exactly these settings (data, UNet, training recipe), so nothing is retrained when they match."""
+
+    size: int = 8
+    num_train: int = 160
+    unet_channels: tuple[int, int] = (8, 16)
+    train_steps: int = 400
+    num_subsets: int = 12
+    num_seeds: int = 2
+    fraction: float = 0.5
+    num_queries: int = 64
+    target_draws: int = 256
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.train_steps, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995,
+                           checkpoint_every=max(50, self.train_steps // 4))
+
+    def unet_config(self) -> dict:
+        return dict(tiny_unet_config(self.size), block_out_channels=tuple(self.unet_channels),
+                    norm_num_groups=min(4, self.unet_channels[0]))
+
+
+def flat(grads, names) -> torch.Tensor:
+    return torch.cat([grads.layers[n].reshape(grads.layers[n].shape[0], -1) for n in names], 1).double()
 
 
 def log(msg: str) -> None:
@@ -75,7 +101,7 @@ def two_way_bootstrap(pa: np.ndarray, pb: np.ndarray, t: np.ndarray, reps: int =
 
 class Experiment:
     def __init__(self, args):
-        self.s = s = Settings.quick()
+        self.s = s = QuickDigits()
         self.args = args
         self.train = load_digits(size=s.size, split="train", limit=s.num_train)
         base = DiffusionModel.from_config(s.unet_config(), seed=0)

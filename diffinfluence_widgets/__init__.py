@@ -5,3 +5,22 @@ Implements Mlodozeniec et al., "Influence Functions for Scalable Data Attributio
 baselines, and the LDS / retraining evaluations; plus a FAISS index over projected gradients and anywidget views.
 """
 __version__ = "0.1.0"
+
+#: the researcher's API, importable from the top level (loaded on first use, so that ``import
+#: diffinfluence_widgets`` stays light for the command line): datasets that keep your ids and labels, one call
+#: that scores queries with any method over a λ grid, and the LDS / counterfactual evaluation on any data.
+_PUBLIC = {
+    "ImageDataset": "data", "from_arrays": "data", "from_image_folder": "data", "from_torch_dataset": "data",
+    "load_digits": "data", "attribute": "evaluation", "Attributor": "evaluation", "Attribution": "evaluation",
+    "AttributionSettings": "evaluation", "METHODS": "evaluation", "evaluate": "evaluation",
+    "EvaluationSettings": "evaluation", "Evaluation": "evaluation",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,15 @@ ships the default version as ``notebooks/explorer_app.ipynb`` (Binder's Voila li
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-__all__ = ["app_notebook", "write_app_notebook", "APP_TITLE"]
+from ._io import atomic_write_text
+
+__all__ = ["app_notebook", "write_app_notebook", "APP_TITLE", "APP_READY"]
 
 APP_TITLE = "Influence explorer — digits demo"
+#: the line the app writes to the kernel's real stderr once the explorer is built (a preheated kernel is ready)
+APP_READY = "diffinfluence: explorer app ready"
 
 
 def _source(config: str | None, cache_dir: str | None, threads: int | None) -> str:
@@ -24,12 +27,14 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
         "    os.environ['DIFFINFLUENCE_CACHE'] = os.path.abspath('../diffinfluence-cache')",
         "from diffinfluence_widgets.demo import config_from_env, load_or_build_demo",
         "from diffinfluence_widgets.widgets import InfluenceExplorer",
+        "from diffinfluence_widgets.app import APP_READY",
         "",
         f"CONFIG = {cfg}",
         f"CACHE_DIR = {cache_dir!r}  # None: $DIFFINFLUENCE_CACHE/<config> or ./diffinfluence-cache/<config>",
         f"THREADS = {threads!r}",
         "backend = load_or_build_demo(CONFIG, CACHE_DIR, threads=THREADS, progress=False)",
         "explorer = InfluenceExplorer(backend)",
+        "import sys; print(APP_READY, file=sys.__stderr__, flush=True)  # tells `diffinfluence serve` the app is up",
         "explorer",
     ]
     return "\n".join(lines)
@@ -42,11 +47,7 @@ def app_notebook(config: str | None = None, cache_dir: str | Path | None = None,
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    intro = (f"# {APP_TITLE}\n\n"
-             "Pick a query on the left (a generated sample or a held-out digit); the gallery lists the training "
-             "images with the largest influence on it. **Positive score**: removing that training image is "
-             "predicted to *increase* the query's measurement (for the loss: it supports the query — a "
-             "proponent). Negative: an opponent. Change the measurement, method and damping above the gallery.")
+    intro = f"# {APP_TITLE}"  # the explorer says what to do; the page stays short
     nb.cells = [nbformat.v4.new_markdown_cell(intro),
                 nbformat.v4.new_code_cell(_source(config, None if cache_dir is None else str(cache_dir), threads))]
     for i, c in enumerate(nb.cells):  # stable ids: the shipped file does not change on regeneration
@@ -59,9 +60,5 @@ def write_app_notebook(path: str | Path, config: str | None = None, cache_dir: s
     """Write :func:`app_notebook` to ``path`` (atomically)."""
     import nbformat  # optional (the [widgets] extra): only writing the app needs it
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".tmp-{p.name}-{os.getpid()}")
-    nbformat.write(app_notebook(config, cache_dir, threads), str(tmp))
-    os.replace(tmp, p)
-    return p
+    text = nbformat.writes(app_notebook(config, cache_dir, threads))
+    return atomic_write_text(Path(path), text if text.endswith("\n") else text + "\n")  # as nbformat.write

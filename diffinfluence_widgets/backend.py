@@ -57,6 +57,9 @@ class SearchResult:
     opponent_scores: np.ndarray
     damping: float
     exact: bool = False  # True when the listed scores were rescored with full gradients
+    #: what the exact answer ranked: ``"all"`` training images, the FAISS ``"candidates"``, or ``""`` (approximate)
+    exact_over: str = ""
+    stats: dict = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -98,3 +101,6 @@ class InfluenceBackend(Protocol):
 
     def map_2d(self) -> np.ndarray:
         """``[N, 2]`` coordinates of the projected training gradients (for the 2-D map)."""
+
+    # Optional: ``refine(prepared, damping, k) -> SearchResult`` with ``exact=True``: the method's exact top-k
+    # (the session shows it after the instant :meth:`search` answer when the backend has it).

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 # The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
@@ -52,6 +51,37 @@ def _default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+#: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
+_DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
+
+
+def _add_data_arguments(e: argparse.ArgumentParser) -> None:
+    """The ``--data`` options of ``diffinfluence evaluate``."""
+    g = e.add_argument_group("your own data (--data): the digits benchmark's protocol on an image folder")
+    g.add_argument("--data", type=Path, default=None, metavar="FOLDER",
+                   help="an image folder (png/jpg/bmp/webp, recursively; one sub-folder per class gives labels): "
+                        "evaluate every method on it instead of the demo")
+    g.add_argument("--image-size", type=int, default=16, help="resize images to this square size (default: "
+                                                               "%(default)s)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 grey, 3 RGB (default: from files)")
+    g.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="protocol sizes: 'quick' (M=12, K=2, 64 queries) or 'full' (M=40, K=3, 48 queries); "
+                        "the size flags override them (default: %(default)s)")
+    g.add_argument("--unet-channels", default="8,16", help="UNet block widths (default: %(default)s)")
+    g.add_argument("--train-steps", type=int, default=400, help="steps per (re)trained model (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default: %(default)s)")
+    g.add_argument("--fraction", type=float, default=None, help="share of the training set each subset keeps")
+    g.add_argument("--grad-draws", type=int, default=None, help="(t, ε) draws per per-example gradient")
+    g.add_argument("--curvature-draws", type=int, default=None, help="(t, ε) draws per image in the curvature")
+    g.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension")
+    g.add_argument("--cf-queries", type=int, default=None, help="queries of the counterfactual retraining (0: skip)")
+    g.add_argument("--cf-fractions", default=None, help="comma-separated shares removed per query (default: "
+                                                         "0.02,0.1)")
+    g.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import CACHE_ENV, DEMO_CONFIGS
 
@@ -75,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cache folder of this config (default: ${CACHE_ENV}/<config> or "
                         "./diffinfluence-cache/<config>); a second run reuses it")
     g.add_argument("--rebuild", action="store_true",
-                   help="delete the cache folder and build from scratch (also the way out of a cache built for "
-                        "another config or other settings)")
+                   help="delete the demo's files in the cache folder (those its manifest lists; nothing else) and "
+                        "build from scratch (also the way out of a cache built for another config); a folder "
+                        "that is not a demo cache is never deleted")
     g.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:1' … (default: CUDA when available)")
     g.add_argument("--threads", type=int, default=_default_threads(),
                    help="torch CPU threads (default: $DIFFINFLUENCE_THREADS, else the idle cores now, 1 to 4: "
@@ -88,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="Voila port on 127.0.0.1 (default: %(default)s)")
     s.add_argument("--exit-after", type=float, default=None, metavar="SECONDS",
                    help="stop the server after this many seconds (smoke tests); default: run until Ctrl-C")
+    s.add_argument("--cull-idle", type=float, default=60.0, metavar="SECONDS",
+                   help="shut down a kernel whose page was closed or reloaded after this many idle seconds "
+                        "(default: %(default)s)")
+    s.add_argument("--pool-size", type=int, default=1,
+                   help="kernels kept preheated (the app already run) so a page opens in about a second; 0 "
+                        "starts each page's kernel on demand (10-15 s, less memory) (default: %(default)s)")
 
     d = sub.add_parser("demo", parents=[common, serve], formatter_class=fmt,
                        help="build (or reuse) the digits demo and serve the explorer (or --headless: write a report)",
@@ -130,16 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report the LDS (Spearman between predicted and actual change, mean ± "
                                    "standard error over queries) of each method. Retraining dominates the time: "
                                    "subsets × seeds trainings of the config's model.")
-    e.add_argument("--num-subsets", type=int, default=None, help="random subsets M (default: 8 tiny, 16 demo)")
-    e.add_argument("--seeds", type=int, default=1, help="training seeds per subset K (default: %(default)s; ≥ 2 "
-                                                         "adds the exact-retraining oracle)")
-    e.add_argument("--num-queries", type=int, default=4, help="held-out queries (default: %(default)s)")
-    e.add_argument("--methods", default="ekfac,kfac,trak",
-                   help="comma-separated methods (default: %(default)s)")
-    e.add_argument("--measure-draws", type=int, default=128,
-                   help="(t, ε) draws when measuring the retrained models (default: %(default)s)")
-    e.add_argument("--workers", type=int, default=1, help="retraining processes (default: %(default)s)")
-    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation)")
+    e.add_argument("--num-subsets", type=int, default=None,
+                   help="random subsets M (default: 8 tiny, 16 demo; with --data: the preset's)")
+    e.add_argument("--seeds", type=int, default=None, help="training seeds per subset K (default: 1; ≥ 2 adds the "
+                                                            "exact-retraining oracle; with --data: the preset's)")
+    e.add_argument("--num-queries", type=int, default=None, help="queries (default: 4 held-out; with --data: the "
+                                                                  "preset's generated queries)")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: ekfac,kfac,trak; with --data: every method of the preset)")
+    e.add_argument("--measure-draws", type=int, default=None,
+                   help="(t, ε) draws when measuring the retrained models (default: 128; with --data: the preset's)")
+    e.add_argument("--workers", type=int, default=None, help="retraining processes (default: 1; with --data: the "
+                                                              "preset's)")
+    e.add_argument("--out", type=Path, default=None, help="results folder (default: <cache-dir>/evaluation, "
+                                                           "with --data <cache-dir>/report)")
+    _add_data_arguments(e)
     e.set_defaults(func=cmd_evaluate)
     return p
 
@@ -159,10 +201,14 @@ def _build(args, until: str = "index"):
                       threads=_threads(args), rebuild=args.rebuild, until=until)
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def _summary(art) -> str:
     info = art.info
     parts = [f"{k}: {'reused' if v['reused'] else 'built'} in {v['seconds']:.1f} s" for k, v in info["steps"].items()]
-    return (f"config {info['config']} · cache {info['cache_dir']} · {info['threads']} threads · device "
+    return (f"config {info['config']} · cache {info['cache_dir']} · {threads_text(info['threads'])} · device "
             f"{info['device']}\n  " + "\n  ".join(parts) + f"\n  total {info['total_seconds']:.1f} s")
 
 
@@ -184,70 +230,92 @@ def cmd_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if not args.headless:
+        return _serve_demo(args)
     art = _build(args, "index")
     print(_summary(art))
-    if args.headless:
-        out = args.report_dir or (art.cache_dir / "report")
-        paths = write_report(art, out, num_queries=args.num_queries, k=args.k)
-        print(f"report: {paths['html']}")
-        print(f"        {paths['png']}")
-        return 0
-    return _serve(args, art.config.name, art.cache_dir)
+    out = args.report_dir or (art.cache_dir / "report")
+    paths = write_report(art, out, num_queries=args.num_queries, k=args.k)
+    print(f"report: {paths['html']}")
+    print(f"        {paths['png']}")
+    return 0
 
 
 def cmd_serve(args) -> int:
-    art = _build(args, "index")  # reuses the cache (seconds) or builds it; the app then only loads
-    print(_summary(art))
-    return _serve(args, art.config.name, art.cache_dir)
+    return _serve_demo(args)
+
+
+def _serve_demo(args) -> int:
+    """Check the port, make sure the cache is complete (building it in a child process when it is not), then
+    serve. This process never loads the backend: only Voila's kernels do."""
+    from .demo import default_cache_dir, demo_config
+    from .serving import ServeError, check_port, stop_process_tree, stop_signals
+
+    threads = _threads(args)
+    if args.pool_size < 0:
+        raise SystemExit(f"diffinfluence: --pool-size must be 0 or more, got {args.pool_size}")
+    if not args.cull_idle > 0:
+        raise SystemExit(f"diffinfluence: --cull-idle must be positive seconds, got {args.cull_idle}")
+    try:
+        check_port(args.port)  # before anything slow
+    except ServeError as e:
+        print(f"diffinfluence: {e}", file=sys.stderr)
+        return 2
+    cfg = demo_config(args.config)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(cfg)
+    # the check needs torch (the settings digest) and a build needs everything: both run in a child process
+    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", cfg.name, str(cache_dir), "--threads", str(threads)]
+    cmd += (["--rebuild"] if args.rebuild else []) + (["--quiet"] if args.quiet else [])
+    cmd += ["--device", args.device] if args.device else []
+    child = subprocess.Popen(cmd, start_new_session=True)
+    code = None
+    with stop_signals():
+        try:
+            code = child.wait()
+        finally:
+            if child.poll() is None:
+                stop_process_tree(child)
+    if code is None:
+        return 130
+    if code != 0:
+        return code
+    return _serve(args, cfg.name, cache_dir)
 
 
 def _serve(args, config: str, cache_dir: Path) -> int:
     from .app import write_app_notebook
+    from .serving import ServeError, VoilaServer, stop_signals
 
-    nb = write_app_notebook(Path(cache_dir) / "app" / "explorer.ipynb", config=config,
-                            cache_dir=str(Path(cache_dir).resolve()), threads=args.threads)
-    url = f"http://127.0.0.1:{args.port}/"
-    cmd = [sys.executable, "-m", "voila", str(nb), "--no-browser", "--Voila.ip=127.0.0.1", f"--port={args.port}",
-           "--Voila.port_retries=0", "--show_tracebacks=True",
-           # Notebook 7's lab extension cannot load inside Voila: leave it out
-           "--VoilaConfiguration.extension_denylist=['@jupyter-notebook/lab-extension']"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    print(f"starting Voila on {url} …", flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                print(f"diffinfluence: Voila exited with code {proc.returncode} (is port {args.port} in use? "
-                      "try --port)", file=sys.stderr)
-                return proc.returncode or 1
-            try:
-                with urllib.request.urlopen(f"{url}voila/templates/lab/static/voila.js", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    print("diffinfluence: Voila did not come up within 120 s", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-        print(f"\n  The explorer is ready: {url}\n  (Ctrl-C to stop)\n", flush=True)
-        if args.exit_after is not None:
-            try:
-                proc.wait(timeout=args.exit_after)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # Voila shuts its kernels down on SIGTERM
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return 0
+    app_dir = Path(cache_dir) / "app"
+    nb = write_app_notebook(app_dir / "explorer.ipynb", config=config, cache_dir=str(Path(cache_dir).resolve()),
+                            threads=args.threads)
+    server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
+                         cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
+    print(f"starting Voila on http://127.0.0.1:{args.port}/ "
+          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}) …", flush=True)
+    stopped = True
+    with stop_signals():
+        try:
+            server.start()
+            server.wait_ready()
+            print(f"\n  The explorer is ready: {server.url}\n"
+                  f"  (the token in the URL is this server's password; Ctrl-C to stop)\n"
+                  f"  On a remote machine: ssh -L {args.port}:127.0.0.1:{args.port} <user>@<host>, then open "
+                  "the URL above locally.\n", flush=True)
+            if args.exit_after is not None:
+                try:
+                    server.proc.wait(timeout=args.exit_after)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                server.proc.wait()
+            stopped = server.proc.poll() is None or server.proc.returncode in (0, -signal.SIGTERM)
+        except ServeError as e:
+            print(f"diffinfluence: {e}", file=sys.stderr)
+            stopped = False
+        finally:
+            server.stop()
+    return 0 if stopped else 1
 
 
 def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
@@ -256,6 +324,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     ``report.html`` and a stacked ``report.png``."""
     from PIL import Image
 
+    from ._io import atomic_write, atomic_write_text
     from .backend import SIGN_CONVENTION
     from .session import AttributionSession
 
@@ -267,9 +336,7 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
     sections, cards = [], []
     for q in queries:
         session.update(query_id=q.id)
-        r = session.result
-        if r is None:
-            raise RuntimeError(f"no result for query {q.id}: {session.error}")
+        r = session.current_result()  # never a previous query's result after a failure
         stem = f"query{q.id}_{r.measurement}_{r.method}"
         for suffix in (".csv", ".json", ".html", ".png"):
             session.export(out / f"{stem}{suffix}")
@@ -292,24 +359,27 @@ def write_report(art, out: Path, *, num_queries: int = 4, k: int = 8) -> dict:
             f"EK-FAC (K-FAC-expand, GGN<sup>model</sup>), measurement: loss, damping 1e-8.</p>"
             f"<p><em>{html.escape(SIGN_CONVENTION)}</em></p><ul>{steps}</ul>{''.join(sections)}</body></html>")
     html_path, png_path = out / "report.html", out / "report.png"
-    tmp = html_path.with_name(f".tmp-{html_path.name}")
-    tmp.write_text(page)
-    os.replace(tmp, html_path)
+    atomic_write_text(html_path, page)
     width = max(c.width for c in cards)
     sheet = Image.new("RGB", (width, sum(c.height for c in cards)), "white")
     y = 0
     for c in cards:
         sheet.paste(c, (0, y))
         y += c.height
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
-    (out / "demo_info.json").write_text(json.dumps(info, indent=1))
+    atomic_write(png_path, lambda tmp: sheet.save(tmp, format="PNG"))
+    atomic_write_text(out / "demo_info.json", json.dumps(info, indent=1))
     return {"html": html_path, "png": png_path, "queries": [q.id for q in queries]}
 
 
 def cmd_evaluate(args) -> int:
+    from .evaluation.command import run_on_data
     from .evaluation.run import evaluate_methods, lds_table
+
+    if args.data is not None:
+        return run_on_data(args)
+    for k, v in _DEMO_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     art = _build(args, "index")

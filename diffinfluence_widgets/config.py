@@ -169,6 +169,12 @@ class IndexConfig:
     num_bands: int = 4
     switch_damping: float | str | None = "auto"
     auto_flat_max: int = 50_000
+    #: keep the rotated full training gradients on disk for exact refined answers ("auto": when they fit
+    #: ``exact_max_bytes``); ``exact_dtype`` "float32" or "float64"; ``refine_bins``: damping-profile bins
+    exact_store: bool | str = "auto"
+    exact_dtype: str = "float32"
+    exact_max_bytes: int = 4 << 30
+    refine_bins: int = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, (str, bytes)) or not len(self.methods):
@@ -182,6 +188,12 @@ class IndexConfig:
             _positive_int("IndexConfig", n, getattr(self, n), lo)
         if self.switch_damping not in (None, "auto"):
             object.__setattr__(self, "switch_damping", check_damping(self.switch_damping))
+        if self.exact_store not in (True, False, "auto"):
+            raise ValueError(f"IndexConfig.exact_store must be True, False or 'auto', got {self.exact_store!r}")
+        if self.exact_dtype not in ("float32", "float64"):
+            raise ValueError(f"IndexConfig.exact_dtype must be 'float32' or 'float64', got {self.exact_dtype!r}")
+        _positive_int("IndexConfig", "exact_max_bytes", self.exact_max_bytes, 0)
+        _positive_int("IndexConfig", "refine_bins", self.refine_bins, 2)
 
 
 def split_settings(settings: Mapping[str, Any], *configs: type) -> list[dict[str, Any]]:

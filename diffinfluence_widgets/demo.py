@@ -12,7 +12,10 @@ Each step writes its result into a temporary folder that is renamed into place o
 a small ``step.json`` manifest (digest of the settings the step depends on, fingerprints, seconds taken). A second
 call finds every step done and only loads: it starts in seconds. A step whose settings changed is rebuilt (and
 says so); a cache folder of another config, or a folder that is not a demo cache, is **refused** with a clear
-error (``rebuild=True`` wipes and rebuilds it). Nothing is reused silently.
+error. ``rebuild=True`` rebuilds a demo cache from scratch, deleting only the entries its manifest says the demo
+wrote (files of anyone else in the folder are kept); a folder without a readable demo manifest is never deleted.
+A step whose saved artifact is corrupt (truncated, failing its checksum) is rebuilt with a warning. Nothing is
+reused silently.
 
 Configs: ``"tiny"`` (8×8 digits, a ≈20k-parameter UNet; well under a minute on one core — tests, CI, small
 Binder machines) and ``"demo"`` (16×16 digits, recognisable samples; a few minutes on two cores).
@@ -26,19 +29,21 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import atomic_write_text as _atomic_write_text
+from ._io import CorruptArtifactError, atomic_write_text as _atomic_write_text, remove_listed_entries
 from .config import DEFAULT_METHODS, Approximation, Fisher, Method, choice
 from .data import load_digits
 from .diffusion import DiffusionModel, resolve_device, train_model
 from .diffusion.model import demo_unet_config, tiny_unet_config
 from .diffusion.train import TrainConfig
 from .index import IndexBackend
+from .influence.artifacts import CheckpointMismatchError
 from .influence.curvature import Curvature, fit_curvature
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
@@ -52,6 +57,11 @@ SMALL_ENV = "DIFFINFLUENCE_SMALL"
 CACHE_FORMAT = "diffinfluence-demo-cache"
 CACHE_VERSION = 1
 STEPS = ("train", "curvature", "index")
+#: every entry of a cache folder the demo writes (names or glob patterns, top level only); recorded in the cache's
+#: manifest, and all that ``rebuild=True`` ever deletes
+DEMO_ENTRIES = ("manifest.json", "last_run.json", "model", "curvature", "index", "train-checkpoint",
+                "curvature-checkpoint", ".tmp-model-*", ".tmp-curvature-*", ".manifest.json.*.tmp",
+                ".last_run.json.*.tmp")
 
 
 class DemoCacheError(RuntimeError):
@@ -203,6 +213,16 @@ class _Log:
         if self.progress:
             print(f"[diffinfluence demo] {msg}", file=sys.stderr, flush=True)
 
+    def loud(self, msg: str) -> None:
+        """A problem being repaired: a warning, whatever ``progress`` says."""
+        warnings.warn(f"[diffinfluence demo] {msg}", RuntimeWarning, stacklevel=3)
+
+
+def _remove_demo_entries(root: Path, man: dict) -> list[str]:
+    """Delete the entries of ``root`` that the demo manifest ``man`` lists (version-1 manifests predate the list:
+    their fixed layout); return their names."""
+    return remove_listed_entries(root, man.get("entries", list(DEMO_ENTRIES)))
+
 
 # ---------------------------------------------------------------------------------------------- the build
 def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
@@ -210,34 +230,38 @@ def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
     unless ``rebuild``; one of the same config built with other settings has its outdated steps rebuilt."""
     mf = root / "manifest.json"
     want = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "config_name": cfg.name}
+    if root.exists() and not root.is_dir():
+        raise DemoCacheError(f"cache folder {str(root)!r} is a file, not a folder; choose another cache folder "
+                             f"(cache_dir=... / --cache-dir / ${CACHE_ENV})")
     if root.exists() and any(root.iterdir()):
         old = _read_json(mf)
-        same = old is not None and all(old.get(k) == v for k, v in want.items())
+        if not isinstance(old, dict) or old.get("format") != CACHE_FORMAT:
+            # nothing here says what the demo wrote, so nothing may be deleted: not even with rebuild
+            raise DemoCacheError(f"cache folder {str(root)!r} is not a demo cache (it has files but no readable "
+                                 "demo manifest.json), so it is left untouched. Choose another cache folder "
+                                 f"(cache_dir=... / --cache-dir / ${CACHE_ENV}), a new or empty one.")
+        same = all(old.get(k) == v for k, v in want.items())
         if not same:
-            if old is None:
-                why = "it has no readable demo manifest (manifest.json) — is it a demo cache at all?"
-            elif old.get("config_name") != cfg.name:
+            if old.get("config_name") != cfg.name:
                 why = f"it holds the {old.get('config_name')!r} config, not {cfg.name!r}"
             else:
                 why = f"it was written by another cache format (version {old.get('version')} vs {CACHE_VERSION})"
             if not rebuild:
                 raise DemoCacheError(f"cache folder {str(root)!r} cannot be used: {why}. Use another cache folder "
                                      f"(cache_dir=... / --cache-dir / ${CACHE_ENV}) or rebuild it "
-                                     "(rebuild=True / --rebuild), which deletes its contents.")
-            if old is None and not (root / "model").exists() and not (root / "index").exists():
-                raise DemoCacheError(f"refusing to delete {str(root)!r}: it does not look like a demo cache")
-            log(f"rebuilding {root}: {why}")
-            shutil.rmtree(root)
+                                     "(rebuild=True / --rebuild), which deletes the demo's files in it (and "
+                                     "nothing else).")
+            log(f"rebuilding {root}: {why}; removing " + ", ".join(_remove_demo_entries(root, old)))
         elif rebuild:
-            log(f"rebuild requested: deleting {root}")
-            shutil.rmtree(root)
+            log("rebuild requested: removing " + ", ".join(_remove_demo_entries(root, old)) + f" from {root}")
         elif old.get("config_digest") != cfg.digest():
             log(f"the {cfg.name!r} settings changed since {root} was built: the steps they affect are rebuilt")
     root.mkdir(parents=True, exist_ok=True)
     old = _read_json(mf)
-    if old is None or old.get("config_digest") != cfg.digest():
+    if old is None or old.get("config_digest") != cfg.digest() or old.get("entries") != list(DEMO_ENTRIES):
         _atomic_write_text(mf, json.dumps({**want, "config_digest": cfg.digest(), "config": cfg.to_dict(),
-                                           "written": time.time()}, indent=1, sort_keys=True, default=str))
+                                           "entries": list(DEMO_ENTRIES), "written": time.time()},
+                                          indent=1, sort_keys=True, default=str))
 
 
 def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict, log: "_Log") -> dict | None:
@@ -262,6 +286,16 @@ def _checkpoint_dir(root: Path, name: str, digest: str) -> Path:
     if not mark.is_file():
         _atomic_write_text(mark, digest)
     return d
+
+
+def _resumable(run, root: Path, name: str, digest: str, log: "_Log"):
+    """``run(checkpoint_dir)``; a corrupt or foreign checkpoint is discarded (with a warning) and the step rerun."""
+    try:
+        return run(_checkpoint_dir(root, name, digest))
+    except (CorruptArtifactError, CheckpointMismatchError) as e:
+        log.loud(f"the checkpoint in {root / name} is unusable ({e}); starting that step over")
+        shutil.rmtree(root / name, ignore_errors=True)
+        return run(_checkpoint_dir(root, name, digest))
 
 
 def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, cpu0: float, **extra) -> dict:
@@ -305,7 +339,8 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
     threads:
         ``torch.set_num_threads(threads)`` for the build (and afterwards); ``None`` keeps the current setting.
     rebuild:
-        Delete whatever is in ``cache_dir`` and build from scratch.
+        Delete the demo's entries in ``cache_dir`` (those its manifest lists; other files are kept) and build from
+        scratch. A non-empty folder without a readable demo manifest is refused, never deleted.
 
     The backend carries ``backend.demo_info``: the config, cache folder, and per step whether it was reused and
     how many seconds it took.
@@ -343,17 +378,24 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
     meta = _step_done(root, "model", cfg, {"dataset_fingerprint": data_fp}, log)
     model = None
     if meta is not None:
-        model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
-        if model.fingerprint() != meta.get("model_fingerprint"):
-            log(f"{root / 'model'} does not match its manifest (fingerprint {model.fingerprint()} vs "
-                f"{meta.get('model_fingerprint')}); retraining")
+        try:
+            model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
+        except Exception as e:  # truncated / unreadable weights or config
+            log.loud(f"the saved model in {root / 'model'} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                     "retraining it")
+            model, meta = None, None
+        if model is not None and model.fingerprint() != meta.get("model_fingerprint"):
+            log.loud(f"{root / 'model'} does not match its manifest (fingerprint {model.fingerprint()} vs "
+                     f"{meta.get('model_fingerprint')}: corrupt or altered); retraining it")
             model, meta = None, None
     if model is None:
         log(f"step 1/3: training the {cfg.name!r} UNet on {len(train)} digits ({cfg.image_size}×{cfg.image_size}, "
-            f"{cfg.train_config().steps} steps, {torch.get_num_threads()} threads)")
+            f"{cfg.train_config().steps} steps, {torch.get_num_threads()} "
+            f"thread{'' if torch.get_num_threads() == 1 else 's'})")
         init = DiffusionModel.from_config(cfg.unet_config(), seed=cfg.model_seed).to(dev, torch.float32)
-        model = train_model(init, train, cfg.train_config(), device=dev, progress=progress,
-                            checkpoint_dir=_checkpoint_dir(root, "train-checkpoint", cfg.digest("model")))
+        model = _resumable(lambda ck: train_model(init, train, cfg.train_config(), device=dev, progress=progress,
+                                                  checkpoint_dir=ck),
+                           root, "train-checkpoint", cfg.digest("model"), log)
         tmp = root / f".tmp-model-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -382,14 +424,16 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
     if meta is not None:
         try:
             curvature = Curvature.load(root / "curvature", model=model, dataset=train)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            log(f"saved curvature is unusable ({e}); refitting")
+        except (ValueError, FileNotFoundError, OSError) as e:  # CorruptArtifactError is a ValueError
+            log.loud(f"the saved curvature is unusable ({e}); refitting it")
     if curvature is None:
         log(f"step 2/3: fitting EK-FAC curvature ({cfg.curvature_draws} draws per image)")
-        ckpt = _checkpoint_dir(root, "curvature-checkpoint", cfg.digest("curvature") + model_fp)
-        curvature = fit_curvature(model, train, method=Method.EKFAC, kfac_approx=Approximation.EXPAND, fisher=Fisher.MODEL,
-                                  num_draws=cfg.curvature_draws, device=dev, progress=progress,
-                                  batch_size=cfg.batch_size, checkpoint_dir=ckpt)
+        curvature = _resumable(lambda ck: fit_curvature(model, train, method=Method.EKFAC,
+                                                        kfac_approx=Approximation.EXPAND, fisher=Fisher.MODEL,
+                                                        num_draws=cfg.curvature_draws, device=dev,
+                                                        progress=progress, batch_size=cfg.batch_size,
+                                                        checkpoint_dir=ck),
+                               root, "curvature-checkpoint", cfg.digest("curvature") + model_fp, log)
         tmp = root / f".tmp-curvature-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

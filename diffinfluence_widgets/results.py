@@ -46,6 +46,11 @@ class InfluenceResult:
     proponents: list[Influence]
     opponents: list[Influence]
     exact: bool = False
+    #: what an exact answer ranked: every training image (``"all"``) or the index's candidates (``"candidates"``)
+    exact_over: str = ""
+    #: for an approximate answer: the mean overlap of earlier approximate answers with their refined ones
+    #: (this session, this method), or None before the first refinement
+    est_recall: float | None = None
     elapsed_s: float = 0.0
     #: scores of every training example in ``train_ids`` order, when the session asked for them
     all_scores: np.ndarray | None = field(default=None, repr=False)
@@ -58,6 +63,13 @@ class InfluenceResult:
     def settings(self) -> dict[str, Any]:
         return {"query_id": self.query_id, "measurement": self.measurement, "method": self.method,
                 "band": list(self.band) if self.band else None, "damping": self.damping, "k": self.k}
+
+    @property
+    def badge(self) -> str:
+        """``"exact ✓"`` or ``"approximate (est. recall …)"``: what the gallery marks the answer as."""
+        if self.exact:
+            return "exact ✓" if self.exact_over != "candidates" else "exact ✓ (over the index's candidates)"
+        return "approximate" + (f" (est. recall {self.est_recall:.2f})" if self.est_recall is not None else "")
 
     def records(self) -> list[dict[str, Any]]:
         """One row per listed training image (proponents first), with the settings repeated."""
@@ -132,3 +144,24 @@ def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float, 
     ta = set(np.argsort(-a, kind="stable")[:k].tolist())
     tb = set(np.argsort(-b, kind="stable")[:k].tolist())
     return rho, tau, len(ta & tb) / k
+
+
+def sweep_ranks(scores_at, reference: float, dampings, k: int, train_ids: np.ndarray) -> SweepResult:
+    """Ranks, top-k overlap and Spearman correlation of the top-k at ``reference`` across ``dampings``;
+    ``scores_at(λ)`` gives all training scores at λ (``train_ids`` order)."""
+    dampings = np.asarray(sorted(float(d) for d in dampings), dtype=np.float64)
+    s_ref = scores_at(reference)
+    top = np.argsort(-s_ref, kind="stable")[:k]
+    ranks = np.zeros((len(dampings), len(top)), dtype=np.int64)
+    overlap = np.zeros(len(dampings))
+    rho = np.zeros(len(dampings))
+    for n, d in enumerate(dampings):
+        s = scores_at(d)
+        order = np.argsort(-s, kind="stable")
+        rank_of = np.empty_like(order)
+        rank_of[order] = np.arange(1, len(order) + 1)
+        ranks[n] = rank_of[top]
+        overlap[n] = len(set(order[:k].tolist()) & set(top.tolist())) / k
+        rho[n] = float(stats.spearmanr(s, s_ref).statistic)
+    return SweepResult(dampings=dampings, reference_damping=reference, ids=np.asarray(train_ids)[top], ranks=ranks,
+                       overlap=overlap, spearman=rho)

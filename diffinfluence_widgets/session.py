@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import traitlets
-from scipy import stats
 
 from ._io import atomic_write_bytes as _atomic_write
 from ._worker import _Inline, _Worker
@@ -34,7 +33,8 @@ from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem
 from .config import check_damping
 from .data.images import to_png
 from .report import html_card, png_card
-from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement
+from .refining import RefiningMixin
+from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement, sweep_ranks
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
            "rank_agreement", "SIGN_CONVENTION"]
@@ -44,7 +44,14 @@ THUMB_SIZE = 64
 
 
 # ----------------------------------------------------------------------------------------------- session
-class AttributionSession(traitlets.HasTraits):
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings in one canonical form (a band as a list), so a result's settings compare with the session's."""
+    out = dict(settings)
+    out["band"] = list(out["band"]) if out.get("band") else None
+    return out
+
+
+class AttributionSession(RefiningMixin, traitlets.HasTraits):
     """Current query and settings → top-k proponents / opponents, observable through traitlets.
 
     Parameters
@@ -55,6 +62,9 @@ class AttributionSession(traitlets.HasTraits):
         Run backend work on a worker thread (default; what widgets need). ``False`` runs it inline.
     full_scores:
         Also fetch the scores of every training example with each result (for the score distribution).
+    refine:
+        After each approximate answer, compute the refined one (``backend.refine``: the method's exact top-k) and
+        show it, unless the settings changed meanwhile (default, when the backend has ``refine``).
     query_id, measurement, method, damping, band, k:
         Initial settings; defaults are the first query, the backend's first measurement and method (the backend
         lists its recommended ones first) and that method's default damping.
@@ -79,11 +89,15 @@ class AttributionSession(traitlets.HasTraits):
     queries = traitlets.List(read_only=True)
     #: id of the latest request for the main result (a front end can tag its own events with it)
     request_id = traitlets.Int(0, read_only=True)
+    #: True while the refined (exact) answer for the shown approximate one is being computed
+    refining = traitlets.Bool(False, read_only=True)
+    #: the last :meth:`check_exact` report (empty before the first check)
+    check = traitlets.Dict(read_only=True)
 
     def __init__(self, backend: InfluenceBackend, *, threaded: bool = True, full_scores: bool = True,
                  query_id: int | None = None, measurement: str | None = None, method: str | None = None,
                  damping: float | None = None, band: tuple[int, int] | None = None, k: int = 10,
-                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096):
+                 prepare_cache_size: int = 64, thumb_cache_size: int = 4096, refine: bool = True):
         for attr in ("train_ids", "measurements", "methods", "search", "prepare", "scores"):
             if not hasattr(backend, attr):
                 raise TypeError(f"backend {type(backend).__name__} lacks {attr!r}: it must implement "
@@ -101,7 +115,11 @@ class AttributionSession(traitlets.HasTraits):
         self._map: np.ndarray | None = None
         self._train_pos: dict[int, int] | None = None
         self._suspend = 0
-        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0}
+        self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0, "refine_calls": 0,
+                      "refine_stale": 0}
+        #: show a refined (exact) answer after each approximate one, when the backend has ``refine``
+        self.refine = bool(refine) and callable(getattr(backend, "refine", None))
+        self._overlaps: dict[str, list[float]] = {}  # method -> overlaps of approximate vs refined answers
 
         qs = list(backend.queries())
         self.set_trait("queries", qs)
@@ -256,6 +274,8 @@ class AttributionSession(traitlets.HasTraits):
         return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
                                method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
                                proponents=pro, opponents=opp, exact=bool(r.exact),
+                               exact_over=str(getattr(r, "exact_over", "")),
+                               est_recall=None if r.exact else self._est_recall(s["method"]),
                                elapsed_s=time.perf_counter() - t0, all_scores=all_scores,
                                train_ids=np.asarray(self.backend.train_ids))
 
@@ -281,11 +301,15 @@ class AttributionSession(traitlets.HasTraits):
 
         self.set_trait("busy", True)
         rid = box["rid"] = self._worker.submit("result", fn, done)
-        self.set_trait("request_id", rid)
+        if rid > self.request_id:  # (an inline refinement may already have shown a later request id)
+            self.set_trait("request_id", rid)
         return rid
 
     def _finish(self, rid: int, out: InfluenceResult | None, err: BaseException | None) -> None:
         # the worker only calls this while ``rid`` is the latest "result" request; a newer one may start now
+        will_refine = err is None and self.refine and not out.exact and self._worker.is_latest("result", rid)
+        if will_refine:  # said before the approximate answer is shown: its refinement follows
+            self.set_trait("refining", True)
         if err is not None:
             self.set_trait("error", f"{type(err).__name__}: {err}")
         else:
@@ -295,6 +319,8 @@ class AttributionSession(traitlets.HasTraits):
         if self._worker.is_latest("result", rid):
             self.set_trait("progress", "")
             self.set_trait("busy", False)
+            if will_refine:
+                self._schedule_refine(rid, out)
 
     def run_async(self, channel: str, fn: Callable[[], Any],
                   on_done: Callable[[Any], None], on_error: Callable[[BaseException], None] | None = None) -> int:
@@ -372,24 +398,7 @@ class AttributionSession(traitlets.HasTraits):
         ref = float(self.damping)
         if dampings is None:
             dampings = ref * np.logspace(-4, 4, 17)
-        dampings = np.asarray(sorted(float(d) for d in dampings), dtype=np.float64)
-        k = int(k or self.k)
-        s_ref = self.scores(ref)
-        top = np.argsort(-s_ref, kind="stable")[:k]
-        ranks = np.zeros((len(dampings), len(top)), dtype=np.int64)
-        overlap = np.zeros(len(dampings))
-        rho = np.zeros(len(dampings))
-        for n, d in enumerate(dampings):
-            s = self.scores(d)
-            order = np.argsort(-s, kind="stable")
-            rank_of = np.empty_like(order)
-            rank_of[order] = np.arange(1, len(order) + 1)
-            ranks[n] = rank_of[top]
-            overlap[n] = len(set(order[:k].tolist()) & set(top.tolist())) / k
-            rho[n] = float(stats.spearmanr(s, s_ref).statistic)
-        ids = np.asarray(self.backend.train_ids)[top]
-        return SweepResult(dampings=dampings, reference_damping=ref, ids=ids, ranks=ranks, overlap=overlap,
-                           spearman=rho)
+        return sweep_ranks(self.scores, ref, dampings, int(k or self.k), np.asarray(self.backend.train_ids))
 
     def band_profile(self, ids: Sequence[int] | None = None) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
         """``(bands, ids, contributions [num_bands, len(ids)])`` for the current top proponents and opponents.
@@ -435,7 +444,7 @@ class AttributionSession(traitlets.HasTraits):
     def export(self, path: str | Path) -> Path:
         """Write the current result; the format follows the suffix: .csv, .json, .html (card) or .png (card)."""
         path = Path(path)
-        r = self._need_result()
+        r = self.current_result()
         suffix = path.suffix.lower()
         if suffix == ".csv":
             r.to_csv(path)
@@ -449,19 +458,31 @@ class AttributionSession(traitlets.HasTraits):
             raise ValueError(f"cannot export to {path.name!r}: use a .csv, .json, .html or .png file name")
         return path
 
-    def _need_result(self) -> InfluenceResult:
+    @property
+    def result_is_current(self) -> bool:
+        """Whether :attr:`result` answers the current settings (after a failed request it does not: it is stale)."""
         r = self.result
-        if r is None:
-            raise RuntimeError("no result yet: pick a query (and wait for the session) before exporting")
-        return r
+        return r is not None and _comparable(r.settings) == _comparable(self.settings)
+
+    def current_result(self) -> InfluenceResult:
+        """The result for the current settings, or a ``RuntimeError`` saying why there is none. A stale result (the
+        last request failed, or a newer one is still running) is never passed off as the current one."""
+        if self.result_is_current:
+            return self.result
+        want = _comparable(self.settings)
+        why = (f"the last request failed ({self.error})" if self.error else
+               "it is still being computed (session.wait())" if self.busy else "none was computed yet")
+        held = "" if self.result is None else f"; the result held is for {_comparable(self.result.settings)}"
+        raise RuntimeError(f"no result {'yet ' if self.result is None else ''}for the current settings {want}: "
+                           f"{why}{held}")
 
     def html_card(self) -> str:
         """A self-contained HTML card of the current result (images embedded: a file, not a widget message)."""
-        r = self._need_result()
+        r = self.current_result()
         return html_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails)
 
     def png_card(self, columns: int | None = None) -> bytes:
         """A PNG card of the current result drawn with Pillow (no browser needed)."""
-        r = self._need_result()
+        r = self.current_result()
         return png_card(r, self.query(r.query_id), self.query_thumbnail(r.query_id), self.thumbnails,
                         columns=columns, thumb_size=THUMB_SIZE)

@@ -5,6 +5,7 @@ always runs that check (it is skipped only outside CI when repo2docker is not in
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,12 @@ def test_runtime_and_scripts():
     assert re.search(r'DIFFINFLUENCE_CACHE="\$\{HOME\}/diffinfluence-cache"', start)
     for script in ("postBuild", "start"):
         subprocess.run(["bash", "-n", str(BINDER / script)], check=True)
+    # kernels of closed pages are culled, tracebacks stay on the server (the JSON the script writes is valid)
+    blocks = re.findall(r"<<'JSON'\n(.*?)\nJSON", post, flags=re.S)
+    configs = [json.loads(b) for b in blocks]
+    kernel = next(c["MappingKernelManager"] for c in configs if "MappingKernelManager" in c)
+    assert kernel["cull_idle_timeout"] > 0 and kernel["cull_connected"] is False
+    assert any(c.get("VoilaConfiguration", {}).get("show_tracebacks") is False for c in configs)
 
 
 def test_launch_links_point_at_real_files():

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,12 +56,17 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "COMMAND" in p.stderr
     (tmp_path / "notes.txt").write_text("not a cache")
     p = run("build", "--config", "tiny", "--cache-dir", str(tmp_path), "--threads", "1", check=False)
-    assert p.returncode == 2 and "cannot be used" in p.stderr and (tmp_path / "notes.txt").exists()
+    assert p.returncode == 2 and "is not a demo cache" in p.stderr and (tmp_path / "notes.txt").exists()
+    assert "--rebuild" not in p.stderr  # rebuilding would not help: nothing here may be deleted
 
 
 @pytest.mark.slow
 def test_headless_demo_then_reuse(cache):
-    p = run("demo", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--headless", "--quiet")
+    p = run("demo", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--headless")
+    # a first impression without noise: progress bars, our own log lines, and no warning from a dependency
+    noise = [ln for ln in p.stderr.splitlines() if "warn" in ln.lower() or "accelerate" in ln.lower()]
+    assert noise == [], noise
+    assert "1 threads" not in p.stderr + p.stdout and "1 thread" in p.stderr + p.stdout
     report = cache / "report"
     assert (report / "report.html").stat().st_size > 1000
     assert (report / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,39 +95,107 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_serve_runs_voila_on_localhost(cache):
-    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+def test_serve_checks_the_port_before_loading_anything(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        p = run("serve", "--config", "tiny", "--cache-dir", str(tmp_path / "tiny"), "--port", str(port), check=False,
+                timeout=60)
+    assert p.returncode == 2 and f"port {port}" in p.stderr and "--port" in p.stderr
+    assert not (tmp_path / "tiny").exists()  # nothing was built or loaded
+    print(f"port refusal after {time.perf_counter() - t0:.1f} s")
+
+
+def _start_serve(cache, *extra):
+    """``diffinfluence serve`` in its own session; returns (proc, url with token, output lines so far)."""
     port = _free_port()
     proc = subprocess.Popen([*CLI, "serve", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1",
-                             "--quiet", "--port", str(port), "--exit-after", "90"],
+                             "--quiet", "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)
-    lines = []
+    lines, url = [], None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if "The explorer is ready" in line:
+            url = line.split("ready:", 1)[1].strip()
+            break
+    if url is None:
+        _stop(proc)
+        raise AssertionError("".join(lines))
+    return proc, url, lines
+
+
+def _stop(proc, sig=None):
+    import signal as S
+
+    if proc.poll() is None:
+        proc.send_signal(sig or S.SIGTERM)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "The explorer is ready" in line:
-                break
-        assert any(f"http://127.0.0.1:{port}/" in ln for ln in lines), "".join(lines)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=120) as r:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_runs_voila_on_localhost(cache):
+    from diffinfluence_widgets.serving import descendants
+
+    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+    proc, url, lines = _start_serve(cache)
+    kids = []
+    try:
+        assert url.startswith("http://127.0.0.1:") and "?token=" in url and len(url.split("token=")[1]) >= 24
+        base = url.split("?")[0]
+        # without the token: sent to the login page, no explorer
+        try:
+            with urllib.request.urlopen(base, timeout=60) as r:
+                anonymous, where = r.read().decode(), r.geturl()
+        except urllib.error.HTTPError as e:
+            anonymous, where = "", f"HTTP {e.code}"
+        assert "widget-view" not in anonymous and ("login" in where or where.startswith("HTTP 40")), where
+        with urllib.request.urlopen(url, timeout=120) as r:
             page = r.read().decode()
-        # Voila executed the app notebook: the explorer's widget view is in the page, no Python traceback
+        # Voila executed the app notebook (in the preheated kernel): the explorer's view, no Python traceback
         assert "application/vnd.jupyter.widget-view+json" in page
         assert "Influence explorer" in page
-        assert '"output_type": "error"' not in page
+        assert '"output_type": "error"' not in page and "Traceback" not in page
+        kids = descendants(proc.pid)
+        assert len(kids) >= 2  # Voila and at least the page's kernel
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: the CLI stops Voila (and its kernels) by PID
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)  # SIGTERM: the CLI stops Voila and every kernel it started
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    alive = [k for k in kids if Path(f"/proc/{k}").exists() and "Z" not in
+             Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[:1]]
+    assert alive == [], f"children survived SIGTERM: {alive}"
+    text = "".join(lines) + out
+    for noise in ("not trusted", "DeprecationWarning", "accelerate", "TCP without encryption"):
+        assert noise not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGHUP", "SIGINT"])
+def test_serve_stops_everything_on_hangup_and_interrupt(cache, signame):
+    import signal as S
+
+    from diffinfluence_widgets.serving import descendants
+
+    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+    proc, url, _ = _start_serve(cache, "--pool-size", "1")
+    kids = descendants(proc.pid)
+    assert kids, "Voila should be running"
+    _stop(proc, getattr(S, signame))
+    time.sleep(0.5)
+    alive = [k for k in kids if Path(f"/proc/{k}").exists()
+             and Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == [], f"children survived {signame}: {alive}"
 
 
 @pytest.mark.slow

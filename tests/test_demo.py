@@ -55,7 +55,6 @@ def test_first_build_makes_a_working_backend(tiny_cache):
     r = backend.search(backend.prepare(q, "loss", "ekfac"), 1e-8, 5)
     assert len(r.proponent_ids) == 5 and r.proponent_scores[0] >= r.opponent_scores[0]
     print(f"tiny demo build: {seconds:.1f} s on 1 thread")
-    assert seconds < 120  # "well under a minute" on an idle core; generous for a loaded CI machine
 
 
 def test_second_run_reuses_the_cache(tiny_cache):
@@ -65,7 +64,6 @@ def test_second_run_reuses_the_cache(tiny_cache):
     seconds = time.perf_counter() - t0
     info = again.demo_info
     assert info["reused"] and all(s["reused"] for s in info["steps"].values())
-    assert seconds < 15, f"second run took {seconds:.1f} s"
     print(f"tiny demo reuse: {seconds:.2f} s")
     assert again.model.fingerprint() == first.model.fingerprint()
     q = first.queries()[0].id

@@ -63,8 +63,11 @@ def test_store_round_trip_and_manifest(tmp_path):
     calls = []
     build_store(tmp_path / "s", ids, _compute(ids, calls), SETTINGS, shard_size=10, progress=False)
     assert calls == []
-    # no temporary files are left behind
-    assert not [p for p in (tmp_path / "s").rglob(".tmp-*")]
+    # nothing but the store's own files is left behind (no temporary files of the atomic writer: it names them
+    # ".<name>.<random>.tmp", which an exact listing catches whatever the pattern)
+    found = sorted(str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("*") if p.is_file())
+    shards = [f"shards/shard-{s:05d}.{ext}" for s in range(4) for ext in ("json", "npz")]
+    assert found == sorted(["ids.npy", "manifest.json", *shards])
 
 
 def test_store_refuses_other_model_dataset_setting(tmp_path):

@@ -43,7 +43,7 @@ def test_cli_options_in_the_readme_exist():
         assert f"diffinfluence {command}" in README or f"| {command}" in README or command in README
         assert command in sub
     for opt in set(re.findall(r"(--[a-z][a-z-]+)", README)):
-        if opt in ("--extra-index-url", "--no-build", "--debug", "--quick"):  # pip, repo2docker, bench options
+        if opt in ("--extra-index-url", "--index-url", "--no-build", "--debug", "--quick"):  # pip, repo2docker, bench
             continue
         assert any(opt in a.option_strings for parser in sub.values() for a in parser._actions), opt
 

@@ -35,7 +35,18 @@ def test_gallery_shows_session_result_with_binary_thumbnails(session):
     assert [d["score"] for d in g.proponents] == [i.score for i in r.proponents[:4]]
     assert [float(d["score_text"]) for d in g.opponents] == [i.score for i in r.opponents[:4]]
     assert g.num_pages == math.ceil(session.k / 4) and g.request_id == r.request_id
-    assert "Positive score" in g.sign_text and "opponent" in g.sign_text.lower()
+    # the sign read once, in the measurement's words; the query large beside the lists; ids with class labels
+    assert "Positive score" in g.sign_text and "helped the model make this" in g.sign_text
+    assert "pulled the model away" in g.sign_text and "loss" in g.sign_text
+    assert g.query_thumb.startswith(b"\x89PNG") and f"query {r.query_id}" in g.query_text
+    labels = [d["label"] for d in g.proponents]
+    pos = [session.train_position([d["id"]])[0] for d in g.proponents]
+    assert labels == [str(session.backend.labels[p]) for p in pos]
+    # predicted change if the listed images were removed: (1/N) Σ s, exactly
+    n = len(session.backend.train_ids)
+    assert g.deltas["proponents"] == pytest.approx(sum(i.score for i in r.proponents) / n, rel=1e-12)
+    assert g.deltas["opponents"] == pytest.approx(sum(i.score for i in r.opponents) / n, rel=1e-12)
+    assert g.deltas["proponents"] > 0 > g.deltas["opponents"] and "(1/N) Σ s" in g.readout
     state, paths, buffers = _remove_buffers(g.get_state())
     assert ["proponent_thumbs", 0] in paths and ["opponent_thumbs", 3] in paths
     thumbs = [bytes(b) for p, b in zip(paths, buffers) if p[0].endswith("_thumbs")]
@@ -80,15 +91,33 @@ def test_gallery_selection_and_map_link(session):
     g.set_state({"selected_id": target})  # a click in the gallery
     assert g.selected_thumb.startswith(b"\x89PNG") and "proponent #4" in g.selected_text
     # a click on the 2-D map selects an image that may not be listed at all
-    m = GradientMap(session, on_select=g.select)
+    m = GradientMap(session, on_select=g.select, on_hover=g.preview, on_lasso=g.choose)
     listed = {i.id for i in [*session.result.proponents, *session.result.opponents]}
     other = next(int(i) for i in session.backend.train_ids if int(i) not in listed)
 
-    # what the front end sends for a click on point i of trace 0 (all training images)
-    m.view._on_custom_msg(m.view, {"type": "click", "curve": 0, "index": int(session.train_position([other])[0])},
-                          [])
+    # what the front end sends for a click on a point: its trace, index and customdata (the training id)
+    lab = str(session.backend.labels[session.train_position([other])[0]])
+    curve = next(n for n, t in enumerate(m.fig.data) if t.name == f"class {lab}")
+    index = list(m.fig.data[curve].customdata).index(other)
+    m.view._on_custom_msg(m.view, {"type": "click", "curve": curve, "index": index, "customdata": other}, [])
     assert g.selected_id == other and "not in the top" in g.selected_text
-    assert list(m.fig.data[3].customdata) == [other]
+    assert list(m._trace("selected").customdata) == [other]
+    # the map is coloured by class: one trace per class, every training image in exactly one of them
+    classes = [t for t in m.fig.data if t.name.startswith("class ")]
+    assert sorted(int(i) for t in classes for i in t.customdata) == sorted(int(i) for i in session.backend.train_ids)
+    assert "principal direction" in m.fig.layout.xaxis.title.text and m.fig.layout.yaxis.title.text
+    # hover previews in the gallery's larger view (not pinned); a lasso lists the chosen images with their scores
+    m.view._on_custom_msg(m.view, {"type": "hover", "customdata": int(listed.pop())}, [])
+    assert g.preview_thumb.startswith(b"\x89PNG") and "training image" in g.preview_text
+    lasso = [int(i) for i in session.backend.train_ids[:5]]
+    m.view._on_custom_msg(m.view, {"type": "select", "customdata": lasso}, [])
+    assert sorted(d["id"] for d in g.chosen) == sorted(lasso) and len(g.chosen_thumbs) == 5
+    scores = [d["score"] for d in g.chosen]
+    assert scores == sorted(scores, reverse=True)
+    pos = session.train_position([g.chosen[0]["id"]])[0]
+    assert scores[0] == session.result.all_scores[pos]
+    m.view._on_custom_msg(m.view, {"type": "select", "customdata": []}, [])
+    assert g.chosen == []
 
 
 def test_gallery_shows_errors():
@@ -173,10 +202,17 @@ def test_explorer_status_and_tabs(tmp_path):
     s.damping = 0.03
     s.wait()
     assert e.distribution.renders == r_dist + 1 and e.sweep.renders == r_sweep
-    e.export.folder.value = str(tmp_path)
+    sent = capture(e.export)
     for suffix in (".csv", ".json", ".html", ".png"):
-        assert e.export.export(suffix).exists()
-    assert "wrote" in e.export.message.value
+        info = e.export.export(suffix)
+        assert info is not None and info["name"].endswith(suffix), e.export.message
+    files = [(d, b) for d, b in sent if d.get("method") == "custom" and d["content"]["type"] == "file"]
+    assert [d["content"]["name"] for d, _ in files] == [i["name"] for i in e.export.sent]
+    csv_bytes = bytes(files[0][1][0])
+    assert csv_bytes.decode() == s.result.to_csv()  # the bytes the browser gets are the result's CSV
+    assert bytes(files[3][1][0]).startswith(b"\x89PNG")
+    assert "sent to your browser" in e.export.message and e.export.written == []  # nothing on the server
+    assert list(tmp_path.iterdir()) == []
     s.close()
 
 
@@ -184,7 +220,25 @@ def test_export_panel_reports_errors(tmp_path):
     b = StandInBackend(num_train=200, num_heldout=0, num_generated=0)
     s = AttributionSession(b, threaded=False)
     x = ExportPanel(s, folder=tmp_path)
-    assert x.export(".csv") is None and "no result yet" in x.message.value
+    assert x.export(".csv") is None and "no result yet" in x.message and x.error
+
+
+def test_export_copies_stay_in_their_folder_and_stale_results_are_refused(tmp_path):
+    b = StandInBackend(num_train=200, fail_query=203)
+    s = AttributionSession(b, threaded=False)
+    x = ExportPanel(s, folder=tmp_path / "exports")
+    assert x.export(".bin") is None and "'.bin'" in x.message
+    s.update(measurement="loss_at_t=500")  # '=' in the name: the file name is sanitised
+    p = x.save(".json")
+    assert p.parent == (tmp_path / "exports").resolve() and "=" not in p.name
+    assert json.loads(p.read_text())["settings"]["measurement"] == "loss_at_t=500"
+    with pytest.raises(RuntimeError, match="writes no files on the server"):
+        ExportPanel(s).save(".csv")
+    # the request for the current settings failed: the old result is not exported under the new settings
+    s.query_id = 203
+    assert s.error and s.result.query_id != 203
+    assert x.export(".csv") is None and "not for the current settings" in x.message
+    assert "stand-in failure" in x.message
 
 
 def test_plot_redraws_are_debounced():
@@ -210,10 +264,68 @@ def test_plotly_view_sends_plotly_js_once_asked_and_the_figure_as_json(session):
     d = ScoreDistribution(session)
     fig = d.view.figure
     assert fig["data"][0]["type"] == "bar" and len(fig["data"][0]["y"]) == 60
-    assert "Score distribution" in json.dumps(fig["layout"])
+    assert "Scores of all training images" in json.dumps(fig["layout"])
     v = PlotlyView()
     sent = capture(v)
     v._on_custom_msg(v, {"type": "need-plotly"}, [])
     (data, bufs), = [(d_, b) for d_, b in sent if d_.get("method") == "custom"]
     assert data["content"] == {"type": "plotly"} and bytes(bufs[0]).lstrip().startswith(b"/**")
     assert len(bufs[0]) < 10_000_000
+
+
+def _with_journey_trak(b):
+    """The stand-in with a Journey-TRAK method that, like the real backend's, only applies to generated queries."""
+    b.methods = [*b.methods, "journey_trak"]
+    b._fam["journey_trak"], b._meth_noise["journey_trak"] = 0.7, b._meth_noise["trak"]
+    b.default_damping = {**b.default_damping, "journey_trak": 0.1}
+    return b
+
+
+def test_journey_trak_cannot_be_combined_with_a_heldout_query():
+    s = AttributionSession(_with_journey_trak(StandInBackend(num_train=200)), threaded=False, query_id=100000)
+    c, picker = Controls(s), QueryPicker(s)
+    assert "journey_trak" in [v for _, v in c.method.options] and c.note.value == ""
+    s.update(method="journey_trak", damping=0.1)
+    assert s.result.method == "journey_trak"
+    picker.set_state({"selected": 200})  # the user picks a held-out digit in the front end
+    assert (s.query_id, s.method, s.damping) == (200, "ekfac", s.default_damping("ekfac"))
+    assert (s.result.query_id, s.result.method) == (200, "ekfac") and s.error == ""
+    assert "journey_trak" not in [v for _, v in c.method.options] and c.method.value == "ekfac"
+    assert "Journey-TRAK" in c.note.value and "generated" in c.note.value
+    assert "switched to ekfac" in picker.message
+    picker.set_state({"selected": 100001})  # a generated query: offered again
+    assert "journey_trak" in [v for _, v in c.method.options] and c.note.value == ""
+
+
+def test_gallery_and_zoom_name_the_settings_of_what_they_show():
+    s = AttributionSession(StandInBackend(num_train=200, fail_query=203), threaded=False)
+    g = InfluenceGallery(s, page_size=4)
+    c = Controls(s)
+    first = g.proponents[0]["id"]
+    g.set_state({"selected_id": first})  # pinned larger view
+    assert f"for query {s.query_id}," in g.selected_text and "proponent #1" in g.selected_text
+    q2 = [q.id for q in s.queries if q.id not in (s.query_id, 203)][0]
+    s.query_id = q2
+    # the pinned view follows the new query: its rank / score now come from the new result
+    assert f"for query {q2}," in g.selected_text
+    pos = s.train_position([first])[0]
+    assert repr(float(s.result.all_scores[pos])) in g.selected_text
+    # a failed request: the gallery shows no stale tiles, and names the failed settings like the controls do
+    s.query_id = 203
+    assert s.error and g.proponents == [] and g.error == s.error
+    assert g.caption.startswith("no result for query 203 · loss · ekfac") and c.method.value == s.method == "ekfac"
+
+
+def test_damping_range_per_method_with_the_noise_region_marked():
+    b = StandInBackend(num_train=200)
+    b.curvature_scale = {"ekfac": 1e-2, "kfac": 1e-2, "trak": 1.0, "dtrak": 1.0}
+    s = AttributionSession(b, threaded=False)
+    c = Controls(s)
+    # the ekfac range reaches a decade below the noise boundary (1e-6 τ = 1e-8) and two above τ
+    assert (c.damping.min, c.damping.max) == (-9, 0)
+    assert "data-in-noise='0'" in c.scale.value and "1.00e-02" in c.scale.value
+    s.damping = 3e-9  # the far left: the strip says so
+    assert "data-in-noise='1'" in c.scale.value and "noise region" in c.scale.value
+    c.method.value = "trak"  # another family: its own range and default
+    assert s.damping == b.default_damping["trak"] and (c.damping.min, c.damping.max) == (-7, 2)
+    assert c.damping.min <= math.log10(s.damping) <= c.damping.max and "data-in-noise='0'" in c.scale.value

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .dataset import ImageDataset
+from .dataset import ImageDataset, as_id_tensor
 
-__all__ = ["IMAGE_SUFFIXES", "resize", "to_uint8", "to_png", "from_image_folder", "from_torch_dataset"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_DECODED_PIXELS", "resize", "to_uint8", "to_png", "from_image_folder",
+           "from_torch_dataset", "from_arrays"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F", "P;L"}
@@ -86,6 +88,11 @@ def to_png(image: torch.Tensor | np.ndarray, scale: int = 1, *, size: int | None
 
 
 # ---------------------------------------------------------------------- decoding
+#: images with more pixels than this (after a JPEG's draft reduction) are refused instead of decoded:
+#: one decoded image of this many RGB pixels is ~200 MB, the most one file may cost while streaming
+MAX_DECODED_PIXELS = 64_000_000
+
+
 def _pil_to_tensor(img, mode: str) -> torch.Tensor:
     """PIL image -> float ``[C, H, W]`` in ``[0, 1]``."""
     arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
@@ -109,18 +116,70 @@ def _stack(images: list[torch.Tensor], size: int | None, sources: list[str]) -> 
     return torch.stack(images)
 
 
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    """``(mode, (width, height))`` from the file header only (no pixels decoded); names the file on failure."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is our limit
+            with Image.open(path) as im:
+                return im.mode, im.size
+    except Exception as e:  # not an image, or a corrupt header
+        raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def _decode(path: Path, mode: str, size: int | None, max_pixels: int) -> torch.Tensor:
+    """One file -> float ``[C, h, w]`` in ``[0, 1]``, decoded at reduced resolution when ``size`` allows.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 scale by the codec (``draft``) when that still leaves ≥ 2 × ``size`` pixels
+    per side; other formats are box-reduced by an integer factor to ≥ 2 × ``size`` right after decoding. The
+    antialiased resize to ``size`` then happens on the small image, so memory per file stays bounded and only one
+    full-size image is ever held. Without ``size`` the image is kept at full resolution.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is our limit
+            im = Image.open(path)
+        with im:
+            if size is not None and im.format == "JPEG":
+                im.draft(mode, (2 * size, 2 * size))  # the codec decodes at the smallest scale still this large
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"image {str(path)!r} is {w}×{h} = {w * h} pixels, over max_pixels={max_pixels} "
+                                 f"(decoding it would need ~{w * h * 3 // 2 ** 20} MiB); shrink it or raise "
+                                 "max_pixels")
+            im.load()
+            if size is not None:
+                factor = min(im.size) // (2 * size)
+                if factor >= 2:
+                    im = im.reduce(factor)
+            return _pil_to_tensor(im, mode)
+    except ValueError:
+        raise
+    except Exception as e:  # a corrupt file: name it
+        raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
 def from_image_folder(path: str | Path, size: int | None = None, channels: int | None = None,
-                      name: str | None = None) -> ImageDataset:
+                      name: str | None = None, *, ids: Sequence[int] | None = None,
+                      labels: Sequence[int] | None = None, max_pixels: int = MAX_DECODED_PIXELS) -> ImageDataset:
     """Read every png/jpg/jpeg/bmp/webp file under ``path`` (recursively).
 
-    Files are sorted by their relative path, and an image's id is its index in that order (stable as long as
-    the folder does not change). ``names`` holds the relative paths. When every file sits in a sub-folder, the
-    top-level sub-folder is the class: ``labels`` index ``meta["classes"]`` (sorted folder names).
+    Files are sorted by their relative path; an image's id is its index in that order (stable as long as the folder
+    does not change) unless ``ids`` gives one id per file in that order. ``names`` holds the relative paths. When
+    every file sits in a sub-folder, the top-level sub-folder is the class: ``labels`` index ``meta["classes"]``
+    (sorted folder names); ``labels=`` overrides them (one per file, in the same order).
 
     ``channels``: 1 (grey), 3 (RGB) or ``None`` (grey if every file is grey, else RGB).
     ``size``: resize to ``size × size`` (centre-crop non-square images); without it all files must share a size.
+
+    Files are decoded one at a time and shrunk right away (JPEGs by the codec itself), so memory stays near the
+    size of the result plus one image. A file with an image suffix that is not a readable image raises
+    ``ValueError`` naming it; an image over ``max_pixels`` (after a JPEG's draft reduction) is refused the same way
+    before its pixels are decoded. Files without an image suffix are skipped.
     """
     size, channels = _check_size(size), _check_channels(channels)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"image folder {str(path)!r} does not exist")
@@ -131,26 +190,43 @@ def from_image_folder(path: str | Path, size: int | None = None, channels: int |
     if not files:
         raise ValueError(f"image folder {str(path)!r} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     rel = [p.relative_to(root).as_posix() for p in files]
-    pils = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                pils.append(im.copy())
-        except Exception as e:  # a corrupt file: name it
-            raise ValueError(f"cannot read image {str(p)!r}: {e}") from e
+    ids_t = _given(ids, len(files), "ids", f"image files under {str(path)!r}")
+    labels_t = _given(labels, len(files), "labels", f"image files under {str(path)!r}")
+    headers = [_header(p) for p in files]  # pass 1: headers only, to pick the colour mode and refuse early
     if channels is None:
-        channels = 1 if all(im.mode in _GREY_MODES for im in pils) else 3
+        channels = 1 if all(m in _GREY_MODES for m, _ in headers) else 3
     mode = "L" if channels == 1 else "RGB"
-    images = _stack([_pil_to_tensor(im, mode) for im in pils], size, rel)
-    labels, meta = None, {"root": str(root.resolve())}
-    if all("/" in r for r in rel):
+    if size is None:
+        first = headers[0][1]
+        for r, (_, wh) in zip(rel, headers):
+            if wh != first:
+                raise ValueError(f"images have different sizes ({rel[0]} is {first[1]}×{first[0]}, {r} is "
+                                 f"{wh[1]}×{wh[0]}); pass size=... to resize them all")
+    out = None
+    for i, p in enumerate(files):  # pass 2: decode one, shrink it, keep only the result
+        x = _decode(p, mode, size, int(max_pixels))
+        x = resize(x[None], size)[0] if size is not None else x
+        if out is None:
+            out = torch.empty((len(files), *x.shape), dtype=torch.float32)
+        out[i] = x * 2 - 1
+    meta: dict[str, Any] = {"root": str(root.resolve())}
+    if labels_t is None and all("/" in r for r in rel):
         top = [r.split("/", 1)[0] for r in rel]
         classes = sorted(set(top))
-        labels = torch.tensor([classes.index(c) for c in top], dtype=torch.long)
+        labels_t = torch.tensor([classes.index(c) for c in top], dtype=torch.long)
         meta["classes"] = classes
-    return ImageDataset(images=(images * 2 - 1).clamp(-1, 1), ids=torch.arange(len(files)), labels=labels,
-                        name=name or root.name, names=rel, meta=meta)
+    return ImageDataset(images=out.clamp_(-1, 1), ids=torch.arange(len(files)) if ids_t is None else ids_t,
+                        labels=labels_t, name=name or root.name, names=rel, meta=meta)
+
+
+def _given(values: Sequence[int] | None, n: int, what: str, of: str) -> torch.Tensor | None:
+    """Caller-given ids / labels: one integer per item (clear error naming the counts otherwise)."""
+    if values is None:
+        return None
+    t = as_id_tensor(values, what)
+    if t.numel() != n:
+        raise ValueError(f"got {t.numel()} {what} for {n} {of}; expected one per item, in order")
+    return t
 
 
 def _item_to_tensor(img: Any, channels: int | None, where: str) -> torch.Tensor:
@@ -182,23 +258,39 @@ def _item_to_tensor(img: Any, channels: int | None, where: str) -> torch.Tensor:
 
 
 def from_torch_dataset(ds: Any, size: int | None = None, limit: int | None = None, *,
-                       channels: int | None = None, name: str | None = None) -> ImageDataset:
-    """Copy a (map-style) torch ``Dataset`` into an :class:`ImageDataset`; ids are the dataset indices.
+                       channels: int | None = None, name: str | None = None,
+                       indices: Sequence[int] | None = None, ids: Sequence[int] | None = None,
+                       labels: Sequence[int] | None = None) -> ImageDataset:
+    """Copy a (map-style) torch ``Dataset`` into an :class:`ImageDataset`.
+
+    ``indices`` picks the items to read (default: ``0 .. len(ds) − 1``, or the first ``limit``); each example's id
+    is its index in ``ds`` — so a subsample of a larger collection keeps its source ids — unless ``ids`` gives one
+    id per item read. Labels come from the items (``(image, label, ...)`` tuples or ``{"image", "label"}`` dicts)
+    unless ``labels`` gives one per item read.
 
     Items may be an image or an ``(image, label, ...)`` tuple; images may be PIL images, uint8 tensors/arrays
     (0..255), or float tensors in ``[0, 1]`` (as from ``ToTensor()``; rescaled to ``[-1, 1]``) or already in
     ``[-1, 1]`` (recognised by negative values anywhere in the dataset).
     """
     size, channels = _check_size(size), _check_channels(channels)
-    n = len(ds)
+    if indices is not None:
+        index = as_id_tensor(indices, "indices").tolist()
+        bad = [i for i in index if not 0 <= i < len(ds)]
+        if bad:
+            raise IndexError(f"indices {bad[:5]} are outside the dataset (len {len(ds)})")
+    else:
+        index = list(range(len(ds)))
     if limit is not None:
         if int(limit) < 1:
             raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-        n = min(n, int(limit))
+        index = index[: int(limit)]
+    n = len(index)
     if n == 0:
         raise ValueError("the dataset is empty")
+    ids_t = _given(ids, n, "ids", "items read from the dataset")
+    labels_t = _given(labels, n, "labels", "items read from the dataset")
     imgs, labels, uint8_like = [], [], []
-    for i in range(n):
+    for i in index:
         item = ds[i]
         label = None
         if isinstance(item, (tuple, list)):
@@ -238,7 +330,35 @@ def from_torch_dataset(ds: Any, size: int | None = None, limit: int | None = Non
         if hi > 1 + 1e-3 or lo < -1 - 1e-3:
             raise ValueError(f"float images must be in [0, 1] or [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
     unit = [t / 255.0 if u else ((t + 1) / 2 if signed else t) for t, u in zip(imgs, uint8_like)]
-    x = _stack(unit, size, [f"item {i}" for i in range(n)])
+    x = _stack(unit, size, [f"item {i}" for i in index])
     lab = torch.tensor(labels, dtype=torch.long) if all(l is not None for l in labels) else None
-    return ImageDataset(images=(x * 2 - 1).clamp(-1, 1), ids=torch.arange(n), labels=lab,
-                        name=name or type(ds).__name__)
+    return ImageDataset(images=(x * 2 - 1).clamp(-1, 1), ids=torch.tensor(index) if ids_t is None else ids_t,
+                        labels=lab if labels_t is None else labels_t, name=name or type(ds).__name__)
+
+
+def from_arrays(images: Any, ids: Sequence[int] | None = None, labels: Sequence[int] | None = None, *,
+                size: int | None = None, channels: int | None = None, name: str = "arrays",
+                names: Sequence[str] | None = None) -> ImageDataset:
+    """An :class:`ImageDataset` from an array / tensor of images or a list of images, keeping ``ids`` and ``labels``.
+
+    ``images``: ``[N, C, H, W]`` or ``[N, H, W, C]`` or ``[N, H, W]`` (numpy or torch), or a list of PIL images /
+    arrays; uint8 is 0..255, floats are ``[0, 1]`` or ``[-1, 1]`` (as :func:`from_torch_dataset`). ``ids`` default
+    to ``0 .. N − 1``; ``names`` are optional per-image names. ``size`` / ``channels`` as for image folders.
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images must be [N, C, H, W], [N, H, W, C] or [N, H, W], got shape "
+                             f"{tuple(images.shape)}")
+        items = [images[i] for i in range(images.shape[0])]
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        raise TypeError(f"images must be a numpy array, a torch tensor or a list of images, got "
+                        f"{type(images).__name__}")
+    if not items:
+        raise ValueError("images is empty")
+    ids_t = _given(ids, len(items), "ids", "images")
+    d = from_torch_dataset(items, size=size, channels=channels, name=name, ids=ids_t, labels=labels)
+    if names is not None:
+        d = ImageDataset(d.images, d.ids, d.labels, name=name, names=list(names), meta=d.meta)
+    return d

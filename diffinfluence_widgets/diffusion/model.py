@@ -7,6 +7,7 @@ fingerprints its weights so that caches built for another model are refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -17,6 +18,21 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 __all__ = ["DiffusionModel", "tiny_unet_config", "demo_unet_config", "cifar10_unet_config", "resolve_device"]
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Silence diffusers' logger while loading: without ``accelerate`` it warns on every load ("Cannot initialize
+    model with low cpu memory usage…"), a message about an optional speed-up that becomes a pink error box in
+    Voila. Our models are a few MB; nothing is lost. The previous verbosity is restored afterwards."""
+    from diffusers.utils import logging as dlog
+
+    old = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -105,6 +121,12 @@ class DiffusionModel:
         ``path`` may be a local folder (the default, ``local_files_only=True``) or a hub id such as
         ``"google/ddpm-cifar10-32"`` with ``local_files_only=False`` (needs the network).
         """
+        with _quiet_diffusers():
+            return cls._from_pretrained(path, subfolder_unet, subfolder_scheduler, local_files_only)
+
+    @classmethod
+    def _from_pretrained(cls, path, subfolder_unet: str, subfolder_scheduler: str,
+                         local_files_only: bool) -> "DiffusionModel":
         p = Path(path)
         if local_files_only and not p.is_dir():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist (pass local_files_only=False "

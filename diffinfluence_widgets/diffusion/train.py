@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import ImageDataset
-from .._io import atomic_write
+from .._io import CorruptArtifactError, atomic_write, remove_stale_temporaries, state_digest
 from .draws import example_generator
 from .model import DiffusionModel, resolve_device
 
@@ -150,6 +150,23 @@ def _atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _load_checkpoint(path: Path, dev) -> dict:
+    """Read a training checkpoint; a truncated, unreadable or altered one raises :class:`CorruptArtifactError`."""
+    try:
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except Exception as e:  # torch reports a torn zip as RuntimeError, a wrong file as UnpicklingError, ...
+        raise CorruptArtifactError(f"training checkpoint {path} cannot be read ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); delete it to start over", path) from None
+    if not isinstance(state, dict) or state.get("version") != 2:
+        raise CorruptArtifactError(f"training checkpoint {path} is not a version-2 checkpoint of train_model; "
+                                   "delete it to start over", path)
+    body = {k: state.get(k) for k in ("unet", "ema", "optimizer")}
+    if state.get("state_sha256") != state_digest({**body, "step": state.get("step")}):
+        raise CorruptArtifactError(f"training checkpoint {path} fails its SHA-256 checksum (corrupt or altered); "
+                                   "delete it to start over", path)
+    return state
+
+
 def _as_dataset(dataset) -> ImageDataset:
     if isinstance(dataset, ImageDataset):
         return dataset
@@ -192,7 +209,7 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
         raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     data = _as_dataset(dataset)
     if len(data) == 0:
-        raise ValueError("cannot train on an empty dataset")
+        raise ValueError(f"cannot train on an empty dataset ({data.name!r} has 0 images)")
     model.check_images(data.images[:1], what=f"dataset {data.name!r} images")
     order = torch.argsort(data.ids)
     dev = resolve_device(device)
@@ -213,8 +230,9 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
         ckpt_dir = Path(checkpoint_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = ckpt_dir / CHECKPOINT_NAME
+        remove_stale_temporaries(ckpt_dir, CHECKPOINT_NAME)  # left by a run killed mid-write
         if ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+            state = _load_checkpoint(ckpt_path, dev)
             for key, want in identity.items():
                 if state.get(key) != want:
                     raise ValueError(f"checkpoint {str(ckpt_path)!r} belongs to another run ({key} differs: "
@@ -226,8 +244,10 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
 
     def save(step: int) -> None:
         if ckpt_path is not None:
-            _atomic_save({**identity, "step": step, "unet": net.state_dict(), "ema": ema.state_dict(),
-                          "optimizer": opt.state_dict(), "version": 1}, ckpt_path)
+            state = {"unet": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+            # one file, one atomic write: identity, step and the state (with its checksum) always agree
+            _atomic_save({**identity, "step": step, **state, "state_sha256": state_digest({**state, "step": step}),
+                          "version": 2}, ckpt_path)
 
     if stop_after is not None and stop_after <= start < cfg.steps:
         raise TrainingInterrupted(f"the checkpoint is already at step {start} >= stop_after={stop_after}")

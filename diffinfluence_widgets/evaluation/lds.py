@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from .bootstrap import BOOTSTRAP_OVER, Interval, bootstrap_lds
 from .retrain import RetrainJob
 
 __all__ = [
@@ -155,12 +156,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class LDSResult:
-    """Per-query Spearman correlations and their summary (mean ± standard error over queries)."""
+    """Per-query Spearman correlations and their summary (mean ± standard error over queries).
+
+    ``interval`` (when :func:`lds` was asked for ``bootstrap=B`` resamples) is the two-way bootstrap interval over
+    queries and subsets (:mod:`.bootstrap`); its ``sem`` is the honest standard error of ``mean``.
+    """
 
     per_query: np.ndarray
     query_ids: np.ndarray
     num_undefined: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    interval: Interval | None = None
 
     @property
     def mean(self) -> float:
@@ -172,7 +178,11 @@ class LDSResult:
         return float(np.std(self.per_query, ddof=1) / np.sqrt(q)) if q > 1 else float("nan")
 
     def __str__(self) -> str:
-        return f"{100 * self.mean:.1f} ± {100 * self.sem:.1f}"
+        out = f"{100 * self.mean:.1f} ± {100 * self.sem:.1f}"
+        if self.interval is not None:
+            out += f" (two-way bootstrap ± {100 * self.interval.sem:.1f}, " \
+                   f"{100 * self.interval.level:g}% [{100 * self.interval.low:.1f}, {100 * self.interval.high:.1f}])"
+        return out
 
 
 def _per_query_spearman(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int]:
@@ -191,7 +201,8 @@ def _targets_qm(targets: np.ndarray, num_queries: int, num_subsets: int) -> np.n
     return t
 
 
-def lds(scores: Any, subsets: Subsets, targets: np.ndarray, query_ids: Sequence[int] | None = None) -> LDSResult:
+def lds(scores: Any, subsets: Subsets, targets: np.ndarray, query_ids: Sequence[int] | None = None, *,
+        bootstrap: int = 0, bootstrap_seed: int = 0, bootstrap_over: Sequence[str] = BOOTSTRAP_OVER) -> LDSResult:
     """LDS of an attribution.
 
     Parameters
@@ -204,12 +215,18 @@ def lds(scores: Any, subsets: Subsets, targets: np.ndarray, query_ids: Sequence[
         Measured values ``[Q, M, K]`` (K seeds, averaged here) or ``[Q, M]`` (already averaged).
     query_ids:
         Ids of the queries (defaults to ``scores.query_ids`` or ``0..Q-1``); must match the targets' rows.
+    bootstrap:
+        Number of bootstrap resamples (0: none) for :attr:`LDSResult.interval`, resampling ``bootstrap_over``
+        (default: queries and subsets, :mod:`.bootstrap`).
     """
     pred = predicted_changes(scores, subsets)
     t = _targets_qm(targets, pred.shape[0], len(subsets)).mean(2)
     rho, undefined = _per_query_spearman(pred, t)
     qids = _query_ids(scores, query_ids, pred.shape[0])
-    return LDSResult(rho, qids, undefined)
+    interval = None
+    if bootstrap:
+        interval = bootstrap_lds(pred, t, num_resamples=int(bootstrap), seed=bootstrap_seed, over=bootstrap_over)
+    return LDSResult(rho, qids, undefined, interval=interval)
 
 
 def oracle_lds(targets: np.ndarray, query_ids: Sequence[int] | None = None) -> LDSResult:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
 import time
 import uuid
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ import multiprocessing as mp
 import numpy as np
 import torch
 
+from .._io import atomic_write_bytes, atomic_write_text
 from ..data.dataset import ImageDataset
 from ..diffusion.model import DiffusionModel
 from ..measurements import get_measurement, measure
@@ -151,7 +154,7 @@ def _train_job(cache_dir: str, key: str, manifest: dict[str, Any], job: RetrainJ
     tmp = root / "jobs" / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     trained.to("cpu").save_pretrained(tmp / "model")
     full = dict(manifest, model_fingerprint=trained.fingerprint(), train_seconds=round(time.time() - t0, 2))
-    (tmp / MANIFEST).write_text(json.dumps(full, indent=1, default=_json_default))
+    atomic_write_text(tmp / MANIFEST, json.dumps(full, indent=1, default=_json_default))
     try:
         os.replace(tmp, final)
     except OSError:  # another process finished the same job first: keep theirs
@@ -164,16 +167,19 @@ def _measure_job(job_dir: str, images: torch.Tensor, ids: list[int], measurement
                  seed: int, cache_name: str, device: Any) -> np.ndarray:
     out = Path(job_dir) / "measurements" / f"{cache_name}.npy"
     if out.is_file():
-        return np.load(out)
+        try:
+            return np.load(out)
+        except Exception as e:  # truncated / corrupt cache: say so and measure again
+            warnings.warn(f"cached measurement {out} is unreadable ({type(e).__name__}: {e}); measuring again",
+                          RuntimeWarning, stacklevel=2)
     model = DiffusionModel.from_pretrained(Path(job_dir) / "model")
     if device is not None:
         model.to(device)
     model.unet.eval()
     vals = measure(model, images, ids, measurement, num_draws=num_draws, seed=seed).numpy()
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_name(f".tmp-{uuid.uuid4().hex[:8]}.npy")
-    np.save(tmp, vals)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    np.save(buf, vals)
+    atomic_write_bytes(out, buf.getvalue())
     return vals
 
 

@@ -10,12 +10,14 @@ of the negated query. Sign convention: a **positive** score means removing the t
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..backend import PreparedQuery, SearchResult
 from ..config import IndexConfig, IndexKind, StoreConfig, StoreSpace, check_damping, split_settings
@@ -25,6 +27,7 @@ from ..influence.projection import make_projector
 from ..measurements import get_measurement, timestep_bands
 from ..store import ProjectedStore, StoreError, StoreMismatchError, build_store, store_feature_fn
 from ..store.manifest import _canonical, _curvature_fingerprint, _json_bytes
+from .exact import exact_rotation, refine, setup_exact
 from .faiss_index import FeatureIndex
 from .queries import GENERATED_ID_BASE, QueryBook
 
@@ -43,6 +46,8 @@ class _Payload:
     band_rows: list[int]  # row (in rotated) of each band's part, or -1 for "no contribution"
     measurement: str  # the measurement actually differentiated (journey_trak overrides)
     last: Any = None  # (key, feature) of the last λ asked (the slider asks search, then band_profile)
+    exact_rot: Any = None  # K-FAC family: the whole query in the eigenbasis (float64, unscaled), for refine()
+    exact_state: Any = None  # refine()'s per-query state (damping profile, or the candidate pool)
 
 
 class IndexBackend:
@@ -71,6 +76,12 @@ class IndexBackend:
     parameter-space array ``R g`` instead of the whitened one; default ``"auto"`` = the mean (E)K-FAC eigenvalue τ.
     The whitened array is accurate at small λ and noisy at large λ, the plain one the other way round; on the
     demo, recall@10 against exact scores was 0.65 vs 0.05 at λ = 1e-8 and 0.30 vs 0.80 at λ = 1, crossing near τ).
+
+    ``exact_store`` (``"auto"``: when ``N × P × 4`` bytes ≤ ``exact_max_bytes``, default 4 GiB; ``True`` / ``False``)
+    keeps every training gradient rotated into the eigenbasis on disk (:mod:`~diffinfluence_widgets.store.exact`,
+    ``exact_dtype`` float32 or float64) so that :meth:`refine` is exact over all training images at any λ
+    (``refine_bins`` eigenvalue bins of the damping profile, :mod:`.refine`); the opened store is then the
+    attribute ``exact_store`` (``None`` otherwise).
 
     Sign convention: a **positive** score means removing the training example is predicted to **increase** the
     query's measurement (for the loss: a proponent).
@@ -145,10 +156,13 @@ class IndexBackend:
 
         # ---- queries: held-out images, then generated samples (with trajectories)
         self._queries = QueryBook(model, heldout, self.cache_dir, device=device)
-        for s in range(cfg.num_generated):
+        # sampling the generated queries is the last long part of a build: a bar
+        for s in tqdm(range(cfg.num_generated), desc="generated queries", unit="sample",
+                      disable=not (progress and cfg.num_generated)):
             self.generate_query(s)
         self._map2d: np.ndarray | None = None
         self._grad_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        setup_exact(self)  # the exact store behind refine(), when it fits (see IndexConfig.exact_store)
 
     @classmethod
     def build(cls, model, train, heldout, curvature, cache_dir: str | Path, **kwargs) -> "IndexBackend":
@@ -183,8 +197,8 @@ class IndexBackend:
             try:
                 return ProjectedStore.open(path, model=self.model, dataset=self.train, expect=settings)
             except StoreError as e:
-                if self.progress:
-                    print(f"store {path} is unusable ({e}); rebuilding / resuming it")
+                warnings.warn(f"store {path} is unusable ({e}); rebuilding / resuming it", RuntimeWarning,
+                              stacklevel=2)
         feat = store_feature_fn(self.projector)
         eig = store_feature_fn(self.projector, space=StoreSpace.EIGEN, curvature=self.curvature,
                                whiten_damping=self.whiten_damping) if with_eigen else None
@@ -245,7 +259,8 @@ class IndexBackend:
         used = pre.query_measurement(measurement)
         stacked, band_rows = self._band_parts(self.query_gradients(query_id, used), get_measurement(used), band)
         return PreparedQuery(query_id=int(query_id), measurement=measurement, method=method, band=band,
-                             payload=_Payload(pre, pre.rotate(stacked), band_rows, used))
+                             payload=_Payload(pre, pre.rotate(stacked), band_rows, used,
+                                              exact_rot=exact_rotation(self, pre, stacked)))
 
     def _band_parts(self, g, meas, band: tuple[int, int] | None) -> tuple[dict[str, torch.Tensor], list[int]]:
         """``{layer: [1 + nb', d_out, d_in+1]}`` float64 (row 0 the whole, then the band parts) and the row of each
@@ -300,7 +315,16 @@ class IndexBackend:
     def scores(self, prepared, damping: float) -> np.ndarray:
         """Scores of every training example (``[N]`` float64, :attr:`train_ids` order) at damping λ."""
         q = self._query_features(prepared, damping)[0]
-        return self._features(prepared.payload, damping).astype(np.float64) @ q
+        feats, out = self._features(prepared.payload, damping), None
+        out = np.empty(feats.shape[0])
+        for a in range(0, feats.shape[0], 8192):  # float64 a block at a time, never a copy of the whole store
+            out[a:a + 8192] = feats[a:a + 8192].astype(np.float64) @ q
+        return out
+
+    def refine(self, prepared, damping: float, k: int) -> SearchResult:
+        """The refined answer: the method's exact top-k at λ (``exact=True``; ``exact_over``: ``"all"`` training
+        images or the index's ``"candidates"``). See :mod:`diffinfluence_widgets.index.exact`."""
+        return refine(self, prepared, damping, k)
 
     def search(self, prepared, damping: float, k: int):
         """Top-k proponents and opponents from the FAISS index; with ``rescore_candidates > 0`` the candidates of
@@ -315,7 +339,8 @@ class IndexBackend:
             exact = self.exact_scores(prepared, damping, cand)
             order = np.argsort(-exact, kind="stable")
             top, bot = order[: int(k)], order[::-1][: int(k)]
-            return SearchResult(cand[top], exact[top], cand[bot], exact[bot], float(damping), exact=True)
+            return SearchResult(cand[top], exact[top], cand[bot], exact[bot], float(damping), exact=True,
+                                exact_over="candidates")
         pi, ps, oi, os_ = index.proponents_opponents(q, int(k))
         return SearchResult(pi, ps, oi, os_, float(damping), exact=False)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._io import atomic_write_bytes as _atomic_write_bytes
+from .._io import CorruptArtifactError, atomic_write_bytes as _atomic_write_bytes, state_digest
 from ..backend import QueryItem
 from ..diffusion.sampling import Trajectory, sample
 from ..influence.capture import model_lock
@@ -64,7 +65,12 @@ class QueryBook:
         if path.is_file():
             try:
                 data = torch.load(path, weights_only=True)
-            except Exception:  # an unreadable cache file: sample again
+                body = {k: data[k] for k in ("image", "timesteps", "states")}
+                if data.get("sha256") != state_digest(body):
+                    raise CorruptArtifactError(f"{path} fails its SHA-256 checksum", path)
+            except Exception as e:  # truncated / corrupt: say so, then sample again
+                warnings.warn(f"cached query {path} is unreadable ({type(e).__name__}: {e}); regenerating it",
+                              RuntimeWarning, stacklevel=2)
                 data = None
         if data is None:
             with model_lock(self.model.unet):  # no capture may run on the network meanwhile
@@ -73,7 +79,7 @@ class QueryBook:
                     "states": res.trajectory.states.cpu()}
             path.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            torch.save(data, buf)
+            torch.save({**data, "sha256": state_digest(data)}, buf)
             _atomic_write_bytes(path, buf.getvalue())
         item = QueryItem(id=qid, kind="generated", image=data["image"].numpy().astype(np.float32),
                          label=f"generated, seed {seed}", meta={"seed": seed})

@@ -30,21 +30,21 @@ per-example-mean, per-pixel-mean loss above (paper default 1e-8).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write as _atomic_write
+from .._io import (CorruptArtifactError, atomic_write_json, load_safetensors, remove_stale_temporaries,
+                   save_safetensors)
 from ..config import DEFAULT_KFAC_DAMPING, KFAC_METHODS, Approximation, Fisher, check_damping, choice
 from ..diffusion.draws import draw_noise, example_generator
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
+from .artifacts import load_fit_checkpoint, read_manifest, save_fit_checkpoint
 from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
 from .gradients import LayerGradients
 
@@ -59,7 +59,7 @@ FISHER_TYPES = tuple(m.value for m in Fisher)
 DEFAULT_CURVATURE_DRAWS = 125
 #: the paper's untuned damping for the K-FAC family
 DEFAULT_DAMPING = DEFAULT_KFAC_DAMPING
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the payload's SHA-256
 
 
 def _check_choices(method, kfac_approx, fisher) -> tuple[str, str, str]:
@@ -67,30 +67,6 @@ def _check_choices(method, kfac_approx, fisher) -> tuple[str, str, str]:
     if str(method) not in METHODS:
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
     return str(method), str(choice(Approximation, kfac_approx, "kfac_approx")), str(choice(Fisher, fisher, "fisher"))
-
-
-def read_manifest(path: Path, payload: str, fmt: str, what: str, *, model=None, dataset=None,
-                  expect: Mapping | None = None) -> dict:
-    """Read ``path/manifest.json`` of an artifact and refuse it for another model, dataset or setting.
-
-    ``payload`` is the data file that must sit beside the manifest; ``what`` names the artifact in errors.
-    """
-    mf = path / "manifest.json"
-    if not mf.is_file() or not (path / payload).is_file():
-        raise FileNotFoundError(f"no saved {what} in {str(path)!r} (expected manifest.json and {payload})")
-    man = json.loads(mf.read_text())
-    if man.get("format") != fmt:
-        raise ValueError(f"{mf} is not a {fmt} manifest (format={man.get('format')!r})")
-    if model is not None and man["model_fingerprint"] != model.fingerprint():
-        raise ValueError(f"{what} in {str(path)!r} was built for model {man['model_fingerprint']}, but the given "
-                         f"model is {model.fingerprint()}; rebuild it for this model")
-    if dataset is not None and man["dataset_fingerprint"] != dataset.fingerprint():
-        raise ValueError(f"{what} in {str(path)!r} was built on dataset {man['dataset_fingerprint']}, but the "
-                         f"given dataset is {dataset.fingerprint()}; rebuild it for this dataset")
-    for k, v in (expect or {}).items():
-        if man["settings"].get(k) != v:
-            raise ValueError(f"{what} in {str(path)!r} has {k}={man['settings'].get(k)!r}, expected {v!r}")
-    return man
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -199,12 +175,15 @@ def _run_pass(problem: FactorProblem, fisher: str, consume: Callable[[LayerCaptu
 
 def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: str = "expand",
                 fisher: str = "model", factor_dtype: torch.dtype = torch.float64, progress: bool = False,
-                checkpoint: Path | None = None) -> dict:
+                checkpoint: Path | None = None, identity: Mapping | None = None) -> dict:
     """Fit K-FAC factors, their eigendecompositions and (for EK-FAC) corrected eigenvalues.
 
     Sums and counts are all-reduced over ranks when ``torch.distributed`` is initialised, so each rank may feed
-    its own shard of the data. With ``checkpoint`` (a file path), partial sums are saved atomically after every
-    batch and an interrupted fit resumes where it stopped.
+    its own shard of the data. With ``checkpoint`` (a file path), the partial sums, the stage of the fit and its
+    identity (``identity``: fingerprints, draws, seed, ... of the data fed in, plus the settings here) are saved as
+    one file in one atomic write after every batch, and an interrupted fit resumes where it stopped, to the same
+    bits as an uninterrupted one. A checkpoint of another fit is refused
+    (:class:`~.artifacts.CheckpointMismatchError`).
     """
     method, kfac_approx, fisher = _check_choices(method, kfac_approx, fisher)
     names = list(problem.layers)
@@ -217,23 +196,19 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         sums[f"nA/{n}"] = torch.zeros((), dtype=factor_dtype, device=dev)
     sums["rows"] = torch.zeros((), dtype=factor_dtype, device=dev)
     stage = {"pass": "kfac", "batches_done": 0}
+    ident = {**dict(identity or {}), "method": method, "kfac_approx": kfac_approx, "fisher": fisher,
+             "factor_dtype": str(factor_dtype), "layers": names, "num_batches": problem.num_batches}
+    if checkpoint is not None:
+        remove_stale_temporaries(Path(checkpoint).parent, Path(checkpoint).name)  # left by a run killed mid-write
     if checkpoint is not None and Path(checkpoint).is_file():
-        saved = load_file(str(checkpoint))
-        meta = json.loads(Path(str(checkpoint) + ".json").read_text())
-        if meta.get("settings") != [method, kfac_approx, fisher]:
-            raise ValueError(f"checkpoint {checkpoint} was written for settings {meta.get('settings')}, "
-                             f"not {[method, kfac_approx, fisher]}; delete it to start over")
+        saved, stage = load_fit_checkpoint(Path(checkpoint), ident, list(sums))
         sums.update({k: v.to(dev) for k, v in saved.items()})
-        stage = meta["stage"]
 
     def save_state(batches_done: int) -> None:
         if checkpoint is None:
             return
         stage["batches_done"] = batches_done
-        cpu = {k: v.detach().cpu().contiguous() for k, v in sums.items()}
-        _atomic_write(Path(checkpoint), lambda tmp: save_file(cpu, tmp))
-        body = json.dumps({"settings": [method, kfac_approx, fisher], "stage": stage})
-        _atomic_write(Path(str(checkpoint) + ".json"), lambda tmp: Path(tmp).write_text(body))
+        save_fit_checkpoint(Path(checkpoint), sums, ident, stage)
 
     def _cov(x_cols: torch.Tensor) -> torch.Tensor:
         """Σ over rows and positions of x xᵀ for ``[rows, d, R]``: one GEMM in the compute dtype, summed in float64."""
@@ -324,10 +299,8 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         for n in names:
             all_reduce_sum_(sums[f"L/{n}"])
             out["eigenvalues"][n] = sums[f"L/{n}"] / sums["rows_ekfac"].clamp_min(1)
-    if checkpoint is not None:
-        for p in (Path(checkpoint), Path(str(checkpoint) + ".json")):
-            if p.exists():
-                p.unlink()
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
     return out
 
 
@@ -422,7 +395,8 @@ class Curvature:
                 "dataset_fingerprint": self.dataset_fingerprint, "num_points": self.num_points}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/curvature.safetensors`` and ``path/manifest.json`` atomically (manifest last)."""
+        """Write ``path/curvature.safetensors`` and ``path/manifest.json`` (with the payload's SHA-256) atomically,
+        manifest last."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -430,22 +404,30 @@ class Curvature:
             for key, d in (("q_a", self.q_a), ("q_b", self.q_b), ("lambda_a", self.lambda_a),
                            ("lambda_b", self.lambda_b), ("eigenvalues", self.eigenvalues)):
                 tensors[f"{key}/{n}"] = d[n].detach().cpu().contiguous()
-        _atomic_write(p / "curvature.safetensors", lambda tmp: save_file(tensors, tmp))
-        body = json.dumps(self.manifest(), indent=2, sort_keys=True)
-        _atomic_write(p / "manifest.json", lambda tmp: Path(tmp).write_text(body))
+        digest = save_safetensors(p / "curvature.safetensors", tensors)
+        atomic_write_json(p / "manifest.json", {**self.manifest(), "sha256": {"curvature.safetensors": digest}},
+                          indent=2)
         return p
 
     @classmethod
     def load(cls, path: str | Path, *, model: DiffusionModel | None = None, dataset=None,
              expect: Mapping | None = None, device=None) -> "Curvature":
-        """Load a saved curvature; refuse it if it was built for another model, dataset or setting."""
+        """Load a saved curvature; refuse it if it was built for another model, dataset or setting.
+
+        A truncated or altered file (manifest or payload) raises :class:`~.._io.CorruptArtifactError` naming it.
+        """
         p = Path(path)
         man = read_manifest(p, "curvature.safetensors", "diffinfluence-curvature", "curvature", model=model,
                             dataset=dataset, expect=expect)
-        t = load_file(str(p / "curvature.safetensors"), device=str(resolve_device(device)) if device else "cpu")
+        f = p / "curvature.safetensors"
+        t = load_safetensors(f, (man.get("sha256") or {}).get("curvature.safetensors"),
+                             device=str(resolve_device(device)) if device else "cpu")
         names = man["layers"]
-        parts = {key: {n: t[f"{key}/{n}"] for n in names}
-                 for key in ("q_a", "q_b", "lambda_a", "lambda_b", "eigenvalues")}
+        try:
+            parts = {key: {n: t[f"{key}/{n}"] for n in names}
+                     for key in ("q_a", "q_b", "lambda_a", "lambda_b", "eigenvalues")}
+        except KeyError as e:
+            raise CorruptArtifactError(f"{f} lacks tensor {e.args[0]!r} that its manifest lists", f) from None
         return cls(names, parts["q_a"], parts["q_b"], parts["lambda_a"], parts["lambda_b"], parts["eigenvalues"],
                    settings=man["settings"], model_fingerprint=man["model_fingerprint"],
                    dataset_fingerprint=man["dataset_fingerprint"], num_points=man["num_points"])
@@ -467,6 +449,9 @@ def fit_curvature(model: DiffusionModel, dataset, *, method: str = "ekfac", kfac
     if int(num_draws) < 1:
         raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
     images, ids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)
+    if images.shape[0] == 0:
+        raise ValueError(f"cannot fit a curvature on an empty dataset ({getattr(dataset, 'name', 'dataset')!r} has "
+                         "0 images)")
     model.check_images(images, "training images")
     dev = resolve_device(device) if device is not None else model.device
     model.to(dev)
@@ -484,9 +469,13 @@ def fit_curvature(model: DiffusionModel, dataset, *, method: str = "ekfac", kfac
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir) / f"factors-rank{rank}-of{world}.safetensors"
+    data_fp = dataset.fingerprint() if hasattr(dataset, "fingerprint") else ""
+    identity = {"model_fingerprint": model.fingerprint(), "dataset_fingerprint": data_fp, "num_draws": int(num_draws),
+                "seed": int(seed), "batch_size": int(batch_size), "max_rows": int(max_rows), "dtype": str(dt),
+                "rank": rank, "world": world}
     with frozen_eval(model.unet):
         fitted = fit_factors(problem, method=method, kfac_approx=kfac_approx, fisher=fisher,
-                             factor_dtype=factor_dtype, progress=progress and rank == 0, checkpoint=ckpt)
+                             factor_dtype=factor_dtype, progress=progress and rank == 0, checkpoint=ckpt,
+                             identity=identity)
     return Curvature.from_factors(fitted, settings=settings, model_fingerprint=model.fingerprint(),
-                                  dataset_fingerprint=dataset.fingerprint() if hasattr(dataset, "fingerprint")
-                                  else "")
+                                  dataset_fingerprint=data_fp)

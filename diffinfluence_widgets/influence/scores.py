@@ -12,28 +12,27 @@ streamed in batches and never stored.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..diffusion.model import DiffusionModel
 from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, get_measurement
-from .._io import atomic_write as _atomic_write
+from .._io import CorruptArtifactError, atomic_write_json, load_safetensors, save_safetensors
 from ..config import DEFAULT_KFAC_DAMPING, check_damping
 from ..config import relative_damping as relative_damping_rule
-from .curvature import Curvature, read_manifest
+from .artifacts import read_manifest
+from .curvature import Curvature
 from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
 
 SIGN_CONVENTION = ("s[q, j] > 0: removing training example j is predicted to increase the query's measurement "
                    "(for the loss: j supports the query, a proponent); s[q, j] < 0: an opponent.")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the payload's SHA-256
 
 
 @dataclass
@@ -53,6 +52,13 @@ class Scores:
     dataset_fingerprint: str = ""
 
     def __post_init__(self) -> None:
+        for what in ("matrix", "query_ids", "train_ids"):
+            v = getattr(self, what)
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"Scores.{what} must be a torch.Tensor, got {type(v).__name__} "
+                                f"(wrap arrays with torch.as_tensor(...); ids are int64)")
+        if self.matrix.dim() != 2:
+            raise ValueError(f"Scores.matrix must be 2-D [num_queries, num_train], got shape {tuple(self.matrix.shape)}")
         q, n = self.query_ids.numel(), self.train_ids.numel()
         if tuple(self.matrix.shape) != (q, n):
             raise ValueError(f"score matrix {tuple(self.matrix.shape)} does not match {q} queries × {n} train ids")
@@ -87,12 +93,12 @@ class Scores:
              "train_ids": self.train_ids.cpu().contiguous()}
         if self.band_matrix is not None:
             t["band_matrix"] = self.band_matrix.double().cpu().contiguous()
-        _atomic_write(p / "scores.safetensors", lambda tmp: save_file(t, tmp))
+        digest = save_safetensors(p / "scores.safetensors", t)
         man = {"format": "diffinfluence-scores", "version": FORMAT_VERSION, "settings": self.settings,
                "bands": self.bands, "model_fingerprint": self.model_fingerprint,
-               "dataset_fingerprint": self.dataset_fingerprint, "sign_convention": SIGN_CONVENTION}
-        body = json.dumps(man, indent=2, sort_keys=True)
-        _atomic_write(p / "manifest.json", lambda tmp: Path(tmp).write_text(body))
+               "dataset_fingerprint": self.dataset_fingerprint, "sign_convention": SIGN_CONVENTION,
+               "sha256": {"scores.safetensors": digest}}
+        atomic_write_json(p / "manifest.json", man, indent=2)
         return p
 
     @classmethod
@@ -101,7 +107,11 @@ class Scores:
         p = Path(path)
         man = read_manifest(p, "scores.safetensors", "diffinfluence-scores", "scores", model=model, dataset=dataset,
                             expect=expect)
-        t = load_file(str(p / "scores.safetensors"))
+        f = p / "scores.safetensors"
+        t = load_safetensors(f, (man.get("sha256") or {}).get("scores.safetensors"))
+        missing = [k for k in ("matrix", "query_ids", "train_ids") if k not in t]
+        if missing:
+            raise CorruptArtifactError(f"{f} lacks the tensors {missing}", f)
         bands = [tuple(b) for b in man["bands"]] if man.get("bands") else None
         return cls(t["matrix"], t["query_ids"], t["train_ids"], t.get("band_matrix"), bands, man["settings"],
                    man["model_fingerprint"], man["dataset_fingerprint"])
@@ -131,8 +141,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
                    train_num_draws: int | None = None, seed: int = 0, train_seed: int | None = None,
                    trajectory: Trajectory | None = None, bands: Sequence[tuple[int, int]] | None = None,
                    train_measurement: str | Measurement = "loss", batch_size: int = 32, max_rows: int = 512,
-                   device=None, dtype: torch.dtype | None = None,
-                   progress: bool = True) -> Scores | list[Scores]:
+                   device=None, dtype: torch.dtype | None = None, progress: bool = True,
+                   train_gradients: LayerGradients | None = None) -> Scores | list[Scores]:
     """Influence of every training example (``train``: ``.images``, ``.ids``) on each query's measurement.
 
     ``damping`` may be a list: the query side is rotated once and every λ is a cheap division, and the training
@@ -143,6 +153,11 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     Damping: ``damping`` is the absolute λ (default: the paper's untuned 1e-8); ``relative_damping`` instead gives
     λ = rel · τ with τ = :meth:`Curvature.mean_eigenvalue` (:func:`~diffinfluence_widgets.config.relative_damping`),
     which means the same for any model and loss scale. Give at most one of the two.
+
+    ``train_gradients``: precomputed training-side gradients (:func:`~.gradients.per_example_gradients` of
+    ``train_measurement`` over the training set, in any order); they are used instead of recomputing them, so an
+    ablation over curvatures and dampings computes them once. Their ids must be ``train``'s ids (``train`` may then
+    be ``None``; the scores carry no dataset fingerprint in that case).
     """
     meas = get_measurement(measurement)
     tau = None
@@ -173,9 +188,15 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
         band_view = LayerGradients(qg.band_layers, qg.ids)
         pre_bands = preconditioned_query_gradients(curvature, band_view, lams)  # each [nb, Q, P]
     blocks, band_blocks, tids = [], [], []
-    for tg in iter_gradients(model, train, measurement=train_measurement, num_draws=train_num_draws,
-                             seed=seed if train_seed is None else train_seed, batch_size=batch_size,
-                             max_rows=max_rows, device=device, dtype=dtype, progress=progress):
+    if train_gradients is not None:
+        batches = _precomputed_batches(train_gradients, train, batch_size)
+    elif train is None:
+        raise ValueError("compute_scores needs a training set (train=...) or its gradients (train_gradients=...)")
+    else:
+        batches = iter_gradients(model, train, measurement=train_measurement, num_draws=train_num_draws,
+                                 seed=seed if train_seed is None else train_seed, batch_size=batch_size,
+                                 max_rows=max_rows, device=device, dtype=dtype, progress=progress)
+    for tg in batches:
         flat = tg.flat()
         blocks.append(torch.stack([(p.to(flat) @ flat.T).double().cpu() for p in pre_total]))  # [L, Q, B]
         if pre_bands is not None:
@@ -185,14 +206,32 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     mats = torch.cat(blocks, dim=-1) if blocks else torch.zeros(len(lams), qg.ids.numel(), 0, dtype=torch.float64)
     band_mats = torch.cat(band_blocks, dim=-1) if band_blocks else None
     out = []
+    train_draws = int(train_gradients.meta.get("num_draws", train_num_draws or DEFAULT_GRADIENT_DRAWS)
+                      if train_gradients is not None else train_num_draws or DEFAULT_GRADIENT_DRAWS)
     for i, lam in enumerate(lams):
         settings = {"measurement": meas.name, "train_measurement": get_measurement(train_measurement).name,
                     "damping": lam, "relative_damping": None if rels is None else float(rels[i]),
                     "curvature_scale": tau, "num_draws": qg.meta["num_draws"],
-                    "train_num_draws": int(train_num_draws or DEFAULT_GRADIENT_DRAWS), "seed": int(seed),
+                    "train_num_draws": train_draws, "seed": int(seed),
                     "train_seed": int(seed if train_seed is None else train_seed),
                     "curvature": dict(curvature.settings) if curvature is not None else {"method": "identity"}}
         out.append(Scores(mats[i], qg.ids.clone(), train_ids, None if band_mats is None else band_mats[i],
                           [tuple(b) for b in bands] if bands is not None else None, settings, model.fingerprint(),
                           train.fingerprint() if hasattr(train, "fingerprint") else ""))
     return out[0] if single else out
+
+
+def _precomputed_batches(grads: LayerGradients, train, batch_size: int):
+    """Slices of precomputed training gradients, after checking they cover exactly ``train``'s ids."""
+    if not isinstance(grads, LayerGradients):
+        raise TypeError(f"train_gradients must be LayerGradients (from per_example_gradients), got "
+                        f"{type(grads).__name__}")
+    if train is not None:
+        want, have = set(torch.as_tensor(train.ids).tolist()), set(grads.ids.tolist())
+        if want != have:
+            extra, missing = sorted(have - want)[:5], sorted(want - have)[:5]
+            raise ValueError(f"train_gradients are for other examples than train (missing ids {missing}, "
+                             f"extra ids {extra})")
+    b = int(batch_size)
+    for lo in range(0, len(grads), b):
+        yield LayerGradients({n: g[lo:lo + b] for n, g in grads.layers.items()}, grads.ids[lo:lo + b])

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .._io import CorruptArtifactError, atomic_write_bytes, state_digest
 from ..config import check_damping
 
 __all__ = ["TRAKScorer", "DEFAULT_RELATIVE_DAMPING"]
@@ -68,16 +69,19 @@ class TRAKScorer:
         if cache and path.is_file():
             try:
                 with np.load(path) as z:
-                    return cls(feats, eig=(z["sigma"], z["u"]))
-            except Exception:  # unreadable cache: recompute
-                pass
+                    sigma, u, digest = z["sigma"], z["u"], bytes(z["sha256"]).decode()
+                if state_digest([sigma, u]) != digest:
+                    raise CorruptArtifactError(f"{path} fails its SHA-256 checksum", path)
+                return cls(feats, eig=(sigma, u))
+            except Exception as e:  # unreadable or altered cache: say so, recompute and rewrite it
+                warnings.warn(f"cached TRAK eigendecomposition {path} is unreadable ({type(e).__name__}: {e}); "
+                              "recomputing it", RuntimeWarning, stacklevel=2)
         out = cls(feats)
         if cache:
             buf = io.BytesIO()
-            np.savez(buf, sigma=out.sigma, u=out.u)
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, path)
+            np.savez(buf, sigma=out.sigma, u=out.u,
+                     sha256=np.frombuffer(state_digest([out.sigma, out.u]).encode(), dtype=np.uint8))
+            atomic_write_bytes(path, buf.getvalue())
         return out
 
     @property
@@ -101,4 +105,8 @@ class TRAKScorer:
 
     def scores(self, rotated: np.ndarray, damping: float) -> np.ndarray:
         """``[..., N]`` scores of every training example (float64)."""
-        return self.query_feature(rotated, damping) @ self.features.astype(np.float64).T
+        q = self.query_feature(rotated, damping)
+        out = np.empty((*q.shape[:-1], self.features.shape[0]))
+        for a in range(0, self.features.shape[0], 8192):  # float64 a block at a time, never the whole store
+            out[..., a:a + 8192] = q @ self.features[a:a + 8192].astype(np.float64).T
+        return out

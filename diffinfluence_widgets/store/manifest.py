@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from .. import distributed as dist_utils
+from .._io import CorruptArtifactError, sha256_file as _sha256_file  # noqa: F401  (re-exported to .shards)
 
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "StoreError", "StoreCorruptError", "StoreMismatchError"]
 
@@ -24,20 +24,13 @@ class StoreError(RuntimeError):
     """Something is wrong with a projected-gradient store."""
 
 
-class StoreCorruptError(StoreError):
-    """A shard is missing, truncated or fails its checksum."""
+class StoreCorruptError(StoreError, CorruptArtifactError):
+    """A shard or the manifest is missing, truncated or fails its checksum (also a
+    :class:`~diffinfluence_widgets._io.CorruptArtifactError`)."""
 
 
 class StoreMismatchError(StoreError):
     """The store was built for another model, dataset or setting."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""):
-            h.update(blk)
-    return h.hexdigest()
 
 
 def _json_bytes(obj) -> bytes:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
-from .._io import atomic_write_bytes as _atomic_write_bytes
+from .._io import atomic_write_bytes as _atomic_write_bytes, remove_stale_temporaries
 from ..influence.projection import projector_from_spec
 from .manifest import (STORE_FORMAT, STORE_VERSION, StoreCorruptError, StoreError, StoreMismatchError, _barrier,
                        _canonical, _diff_settings, _ids_digest, _json_bytes, _settings_digest, _sha256_file,
@@ -53,6 +53,8 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
                      .to(torch.long).cpu().numpy(), dtype=np.int64)
     if ids.ndim != 1 or len(np.unique(ids)) != len(ids):
         raise ValueError("store ids must be a 1-D array of unique integers")
+    if len(ids) == 0:
+        raise ValueError(f"cannot build a store at {str(root)!r} for an empty dataset (0 ids)")
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     shard_size = int(shard_size)
@@ -74,8 +76,15 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
-        if mf.is_file():
-            old = json.loads(mf.read_text())
+        # temporary files of a build killed mid-write (the other ranks wait at the barrier below)
+        remove_stale_temporaries(root) + remove_stale_temporaries(root / "shards")
+        try:
+            old = json.loads(mf.read_text()) if mf.is_file() else None
+        except ValueError:  # a torn manifest says nothing: shards are checked one by one below
+            warnings.warn(f"store manifest {mf} is corrupt; resuming the build from its checked shards",
+                          RuntimeWarning, stacklevel=2)
+            old = None
+        if old is not None:
             same = all(old.get(k) == head[k] for k in ("format", "version", "settings", "ids_sha256", "shard_size"))
             if not same:
                 if not overwrite:
@@ -91,6 +100,9 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
             elif not resume:
                 for p in (root / "shards").iterdir():
                     p.unlink()
+        elif not resume:
+            for p in (root / "shards").iterdir():
+                p.unlink()
         _atomic_write_bytes(mf, _json_bytes({**head, "complete": False, "arrays": {}, "shards": []}))
         buf = io.BytesIO()
         np.save(buf, ids)
@@ -100,7 +112,7 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
     mine = list(range(rank, num_shards, world))
     todo = [s for s in mine if not _shard_done(root, s, head)]
     bar = tqdm(total=sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine),
-               desc=f"store {root.name}" + (f" [rank {rank}]" if world > 1 else ""), unit="img",
+               desc=f"training gradients ({root.name.rsplit('-', 1)[0]})" + (f" [rank {rank}]" if world > 1 else ""), unit="img",
                disable=not progress)
     bar.update(sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine if s not in todo))
     for s in todo:
@@ -245,7 +257,14 @@ class ProjectedStore:
             if st.get(k) != v:
                 raise StoreMismatchError(f"store {root} has {k}={json.dumps(st.get(k))[:120]}, expected "
                                          f"{json.dumps(v)[:120]}; rebuild it with these settings")
-        ids = np.load(root / "ids.npy")
+        try:
+            ids = np.load(root / "ids.npy")
+        except Exception as e:  # missing, truncated or not an .npy file
+            raise StoreCorruptError(f"{root / 'ids.npy'} cannot be read ({type(e).__name__}: {e}); rerun the "
+                                    "build with resume=True", root / "ids.npy") from None
+        if _ids_digest(ids) != man.get("ids_sha256"):
+            raise StoreCorruptError(f"{root / 'ids.npy'} fails its checksum (the manifest's ids_sha256); rerun "
+                                    "the build with resume=True", root / "ids.npy")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in man["arrays"]}
         for sh in man["shards"]:
             f = root / "shards" / f"{_shard_name(sh['index'])}.npz"

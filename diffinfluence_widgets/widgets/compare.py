@@ -31,8 +31,8 @@ class CompareView(LazyRedraw, W.VBox):
         self.method_b.add_class("dinf-compare-b")
         self.agreement = W.HTML()
         self.agreement.add_class("dinf-agreement")
-        self.gallery_a = InfluenceGallery(None, page_size=8)
-        self.gallery_b = InfluenceGallery(None, page_size=8)
+        self.gallery_a = InfluenceGallery(None, page_size=8, show_query=False)
+        self.gallery_b = InfluenceGallery(None, page_size=8, show_query=False)
         self.gallery_a.add_class("dinf-compare-gallery-a")
         self.gallery_b.add_class("dinf-compare-gallery-b")
         self.last: CompareResult | None = None

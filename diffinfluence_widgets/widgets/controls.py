@@ -1,12 +1,14 @@
 """``Controls``: method, measurement proxy, damping (log-scale live slider), timestep band, k (ipywidgets)."""
 from __future__ import annotations
 
+import html
 import math
 
 import ipywidgets as W
 import traitlets
 
 from ..session import AttributionSession
+from .reading import GENERATED_ONLY_REASON, NOISE_BELOW, curvature_scale, needs_generated
 
 __all__ = ["Controls", "MEASUREMENT_HELP", "METHOD_HELP"]
 
@@ -28,8 +30,8 @@ METHOD_HELP = {
     "similarity": "pixel similarity baseline",
 }
 
-#: decades of damping shown either side of a method's default
-DECADES_BELOW, DECADES_ABOVE = 6, 4
+#: decades of damping shown below the noise boundary (or the default) and above the curvature scale (or default)
+DECADES_BELOW, DECADES_ABOVE = 1, 2
 
 
 def _label(name: str, table: dict[str, str]) -> str:
@@ -83,24 +85,94 @@ class Controls(W.VBox):
         self.k.observe(self._ui("k"), "value")
         self.reset_damping.on_click(lambda _: setattr(self.session, "damping", self.session.default_damping()))
         session.observe(self._from_session, ["method", "measurement", "damping", "band", "k"])
-        super().__init__([self.method, self.measurement, W.HBox([self.damping, self.reset_damping]), self.band,
-                          self.k], **kwargs)
+        #: why some choices are not offered right now ("" when all are)
+        self.note = W.HTML()
+        self.note.add_class("dinf-controls-note")
+        session.observe(self._availability, ["query_id", "queries", "method", "measurement"])
+        #: where λ sits relative to the curvature scale τ, with the noise region (λ < 1e-6 τ) marked
+        self.scale = W.HTML()
+        self.scale.add_class("dinf-damping-scale")
+        super().__init__([self.method, self.measurement, W.HBox([self.damping, self.reset_damping]), self.scale,
+                          self.band, self.k, self.note], **kwargs)
+        self._draw_scale()
         self.add_class("dinf-controls")
+        self._availability()
 
-    def _range(self) -> tuple[float, float]:
-        """One fixed range (log10) covering every method family's default: changing the range together with the
-        value lets the front end clamp the value to the old range and send the clamped value back."""
-        logs = [math.log10(self.session.default_damping(m)) for m in self.session.backend.methods]
-        logs.append(math.log10(self.session.damping))
-        return math.floor(min(logs)) - DECADES_BELOW, math.ceil(max(logs)) + DECADES_ABOVE
+    def _availability(self, change=None) -> None:
+        """Offer only the methods and measurements that work with the current query: Journey-TRAK and the
+        trajectory measurements need a generated query (a held-out image has no sampling trajectory)."""
+        s, b = self.session, self.session.backend
+        try:
+            generated = s.query_id is not None and s.query().kind == "generated"
+        except KeyError:
+            generated = False
+        methods = [m for m in b.methods if generated or not needs_generated(method=m)]
+        measurements = [m for m in b.measurements if generated or not needs_generated(measurement=m)]
+        self._syncing = True
+        try:
+            for dd, names, table, current in ((self.method, methods, METHOD_HELP, s.method),
+                                               (self.measurement, measurements, MEASUREMENT_HELP, s.measurement)):
+                opts = tuple((_label(m, table), m) for m in (names if current in names else [*names, current]))
+                if tuple(dd.options) != opts:
+                    dd.options = opts
+                dd.value = current
+        finally:
+            self._syncing = False
+        hidden = [_label(m, METHOD_HELP) for m in b.methods if m not in methods] + \
+                 [_label(m, MEASUREMENT_HELP) for m in b.measurements if m not in measurements]
+        self.note.value = ("" if not hidden else
+                           f"<small class='dinf-unavailable' title='{html.escape(', '.join(hidden), quote=True)}'>"
+                           f"Journey-TRAK and the trajectory measurements are not offered for a held-out query: "
+                           f"each {GENERATED_ONLY_REASON}.</small>")
+
+    def _range(self, method: str | None = None) -> tuple[float, float]:
+        """The slider's range (log10) for ``method``: from a decade below the noise boundary (1e-6 τ) to two
+        above the curvature scale τ, always including the method's default and the current damping. (Bounds are
+        changed in their own message before the value: see :meth:`_set_range`.)"""
+        s = self.session
+        method = method or s.method
+        d = s.default_damping(method)
+        tau = curvature_scale(s.backend, method)
+        lows, highs = [math.log10(d)], [math.log10(d)]
+        if tau is not None:
+            lows.append(math.log10(NOISE_BELOW * tau))
+            highs.append(math.log10(tau))
+        if method == s.method:
+            lows.append(math.log10(s.damping))
+            highs.append(math.log10(s.damping))
+        return math.floor(min(lows)) - DECADES_BELOW, math.ceil(max(highs)) + DECADES_ABOVE
+
+    def _draw_scale(self) -> None:
+        """A strip under the slider: the noise region hatched, τ marked, and λ in units of τ."""
+        s = self.session
+        lo, hi = self.damping.min, self.damping.max
+        tau = curvature_scale(s.backend, s.method)
+        lam = f"λ = {s.damping:.2e}"
+        if tau is None:
+            self.scale.value = f"<div class='dinf-scale-text'>{lam}</div>"
+            return
+        frac = lambda v: 100 * min(1.0, max(0.0, (math.log10(v) - lo) / (hi - lo)))  # noqa: E731
+        noise, mark = frac(NOISE_BELOW * tau), frac(tau)
+        in_noise = s.damping < NOISE_BELOW * tau
+        words = (f"{lam} = {s.damping / tau:.1e} τ (τ = {tau:.2e}, the curvature's mean eigenvalue) — "
+                 + ("<b class='dinf-noise-warning'>in the noise region: the smallest, least determined curvature "
+                    "directions dominate; rankings here are unstable</b>" if in_noise else
+                    "hatched: the noise region, λ &lt; 1e-6 τ"))
+        self.scale.value = (
+            f"<div class='dinf-scale' data-noise-below='{NOISE_BELOW * tau!r}' data-in-noise='{int(in_noise)}'>"
+            f"<div class='dinf-scale-bar'><span class='dinf-scale-noise' style='width:{noise:.1f}%'></span>"
+            f"<span class='dinf-scale-tau' style='left:{mark:.1f}%' title='τ'></span></div>"
+            f"<div class='dinf-scale-text'>{words}</div></div>")
 
     def _ui(self, name: str):
         def handler(change):
             if self._syncing:
                 return
             if name == "method":
-                # λ is not comparable across method families: switch to the new method's default damping
-                self.session.update(method=change["new"], damping=self.session.default_damping(change["new"]))
+                # λ is not comparable across method families: the new method's range and default damping
+                new = change["new"]
+                self._set_range(*self._range_for_switch(new))
+                self.session.update(method=new, damping=self.session.default_damping(new))
             else:
                 if name == "damping" and _within_half_step(change["new"], self.session.damping, self.damping.step):
                     # the front end snapped our value to its step grid and echoed it back: not a user change
@@ -110,6 +182,12 @@ class Controls(W.VBox):
                 except traitlets.TraitError:
                     self._from_session()
         return handler
+
+    def _range_for_switch(self, method: str) -> tuple[float, float]:
+        """The new method's range, kept wide enough for the current value until the session moves it."""
+        lo, hi = self._range(method)
+        cur = math.log10(self.session.damping)
+        return min(lo, math.floor(cur)), max(hi, math.ceil(cur))
 
     def _set_range(self, lo: float, hi: float) -> None:
         # bounds first, in their own message, then the value: never a value outside the front end's range
@@ -138,6 +216,10 @@ class Controls(W.VBox):
             self.k.value = s.k
         finally:
             self._syncing = False
+        rng = self._range()  # the method's own range, plus the current value
+        if (self.damping.min, self.damping.max) != rng:
+            self._set_range(*rng)
+        self._draw_scale()
 
 
 def _band_key(band) -> str:

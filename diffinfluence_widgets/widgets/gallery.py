@@ -15,13 +15,16 @@ import traitlets
 from ..backend import SIGN_CONVENTION
 from ..results import InfluenceResult
 from ..session import AttributionSession
+from .reading import predicted_change, predicted_change_text, section_titles, sign_reading, train_labels
 
 __all__ = ["InfluenceGallery", "SIGN_TEXT"]
 
 _STATIC = Path(__file__).parent / "static"
 
-#: the sign convention in words, shown in every gallery
+#: the sign convention in words (the general form; a gallery shows :func:`~.reading.sign_reading` of its result)
 SIGN_TEXT = SIGN_CONVENTION
+#: edge of the large query image beside the lists (pixels)
+QUERY_SIZE = 160
 
 
 class InfluenceGallery(anywidget.AnyWidget):
@@ -44,7 +47,17 @@ class InfluenceGallery(anywidget.AnyWidget):
     #: bumped after every content change; the front end redraws on it
     version = traitlets.Int(0).tag(sync=True)
     caption = traitlets.Unicode("").tag(sync=True)
+    #: "exact ✓" / "approximate (est. recall …)" (+ " · refining…" while the exact answer is computed)
+    badge = traitlets.Unicode("").tag(sync=True)
     sign_text = traitlets.Unicode(SIGN_TEXT).tag(sync=True)
+    #: titles of the highest-score and lowest-score lists, in the words of the measurement
+    titles = traitlets.List(traitlets.Unicode(), default_value=["Proponents", "Opponents"]).tag(sync=True)
+    #: "predicted change if the listed images were removed" readout (plain text) and its numbers
+    readout = traitlets.Unicode("").tag(sync=True)
+    deltas = traitlets.Dict().tag(sync=True)
+    #: the query, shown large beside the lists
+    query_thumb = traitlets.Bytes(b"").tag(sync=True)
+    query_text = traitlets.Unicode("").tag(sync=True)
     busy = traitlets.Bool(False).tag(sync=True)
     progress = traitlets.Unicode("").tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
@@ -52,16 +65,30 @@ class InfluenceGallery(anywidget.AnyWidget):
     selected_id = traitlets.Int(-1).tag(sync=True)
     selected_thumb = traitlets.Bytes(b"").tag(sync=True)
     selected_text = traitlets.Unicode("").tag(sync=True)
+    #: a training image previewed (hovered in the 2-D map): shown in the larger view unless one is pinned
+    preview_thumb = traitlets.Bytes(b"").tag(sync=True)
+    preview_text = traitlets.Unicode("").tag(sync=True)
+    #: training images chosen elsewhere (a lasso in the 2-D map), listed under the proponents and opponents
+    chosen = traitlets.List(traitlets.Dict()).tag(sync=True)
+    chosen_thumbs = traitlets.List(traitlets.Bytes()).tag(sync=True)
+    #: the most images a lasso lists (their thumbnails travel in one message)
+    MAX_CHOSEN = 48
 
-    def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, **kwargs):
+    def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, show_query: bool = True,
+                 **kwargs):
         super().__init__(page_size=page_size, **kwargs)
         self.session = session
+        #: show the query large beside the lists and the sign reading above them (the compare view's galleries
+        #: do not: the explorer states both once)
+        self.show_query = show_query
+        if not show_query:
+            self.sign_text = ""
         self._result: InfluenceResult | None = None
         self._pushing = False
         self._thumb_source = session
         if session is not None:
             session.observe(self._on_result, "result")
-            session.observe(self._on_status, ["busy", "error", "progress"])
+            session.observe(self._on_status, ["busy", "error", "progress", "refining"])
             self._on_status()
             if session.result is not None:
                 self.show(session.result)
@@ -76,6 +103,12 @@ class InfluenceGallery(anywidget.AnyWidget):
             self.busy = s.busy
             self.progress = s.progress
             self.error = s.error
+            self.badge = _badge(self._result, s)
+        r = self._result
+        if s.error and not s.busy and r is not None and _settings_of(r) != _settings_of(s):
+            # the request for the settings the controls show failed: never leave the old result on screen
+            self.show(None)
+            self.caption = f"no result for {_caption_of(s)}"
 
     def show(self, result: InfluenceResult | None, session: AttributionSession | None = None,
              keep_page: bool = False) -> None:
@@ -87,6 +120,8 @@ class InfluenceGallery(anywidget.AnyWidget):
         pages = max(1, math.ceil(n / self.page_size)) if n else 0
         page = min(self.page, pages - 1) if keep_page and pages else 0
         self._push(page, pages)
+        if self.selected_id >= 0:  # a pinned larger view follows the new result (its rank and score)
+            self._on_selected({"new": self.selected_id})
 
     def _push(self, page: int, pages: int) -> None:
         r = self._result
@@ -98,6 +133,9 @@ class InfluenceGallery(anywidget.AnyWidget):
             pro, opp = r.proponents[lo:hi], r.opponents[lo:hi]
             tp = src.thumbnails([i.id for i in pro])
             to = src.thumbnails([i.id for i in opp])
+            labels = train_labels(src.backend, [i.id for i in [*pro, *opp]])
+            pro = [_item(i, lab) for i, lab in zip(pro, labels[:len(pro)])]
+            opp = [_item(i, lab) for i, lab in zip(opp, labels[len(pro):])]
         self._pushing = True
         try:
             self._sync_page(r, page, pages, pro, opp, tp, to)
@@ -106,8 +144,8 @@ class InfluenceGallery(anywidget.AnyWidget):
 
     def _sync_page(self, r, page, pages, pro, opp, tp, to) -> None:
         with self.hold_sync():
-            self.proponents = [_item(i) for i in pro]
-            self.opponents = [_item(i) for i in opp]
+            self.proponents = pro
+            self.opponents = opp
             self.proponent_thumbs = tp
             self.opponent_thumbs = to
             self.proponent_total = 0 if r is None else len(r.proponents)
@@ -115,8 +153,29 @@ class InfluenceGallery(anywidget.AnyWidget):
             self.num_pages = pages
             self.page = max(page, 0)
             self.caption = "" if r is None else _caption(r)
+            self.badge = _badge(r, self.session)
             self.request_id = 0 if r is None else r.request_id
+            self._sync_reading(r)
             self.version += 1
+
+    def _sync_reading(self, r: InfluenceResult | None) -> None:
+        """Sign reading, list titles, the predicted-change readout and the large query image of ``r``."""
+        src = self._thumb_source
+        if r is None or src is None:
+            self.readout, self.query_thumb, self.query_text, self.deltas = "", b"", "", {}
+            return
+        self.sign_text = sign_reading(r.measurement) if self.show_query else ""
+        self.titles = list(section_titles(r.measurement))
+        self.readout = predicted_change_text(r, len(src.backend.train_ids))
+        self.deltas = predicted_change(r, len(src.backend.train_ids))
+        if not self.show_query:
+            return
+        try:
+            q = src.query(r.query_id)
+            self.query_thumb = src.query_thumbnail(q.id, size=QUERY_SIZE)
+            self.query_text = f"query {q.id} · {q.label or q.kind}"
+        except KeyError:
+            self.query_thumb, self.query_text = b"", f"query {r.query_id}"
 
     @traitlets.observe("page")
     def _on_page(self, change) -> None:
@@ -136,20 +195,7 @@ class InfluenceGallery(anywidget.AnyWidget):
                 self.selected_thumb = b""
                 self.selected_text = ""
             return
-        text = f"training image {sid}"
-        r = self._result
-        if r is not None:
-            for inf in [*r.proponents, *r.opponents]:
-                if inf.id == sid:
-                    text = f"{inf.role} #{inf.rank} · training image {sid} · score {inf.score!r}"
-                    break
-            else:
-                if r.all_scores is not None and hasattr(src, "train_position"):
-                    try:
-                        pos = int(src.train_position([sid])[0])
-                        text = f"training image {sid} · score {float(r.all_scores[pos])!r} (not in the top {r.k})"
-                    except KeyError:
-                        pass
+        text = self._describe(sid)
         try:
             thumb = src.thumbnails([sid])[0]
         except Exception as e:  # an id the backend does not know: say so in the widget
@@ -158,6 +204,62 @@ class InfluenceGallery(anywidget.AnyWidget):
         with self.hold_sync():
             self.selected_thumb = thumb
             self.selected_text = text
+
+    def _describe(self, sid: int) -> str:
+        """``training image <id> (class c) · score … · for query …`` for the result shown."""
+        src = self._thumb_source
+        lab = train_labels(src.backend, [sid])[0] if hasattr(src, "backend") else None
+        name = f"training image {sid}" + ("" if lab is None else f" (class {lab})")
+        r = self._result
+        if r is None:
+            return name
+        for inf in [*r.proponents, *r.opponents]:
+            if inf.id == sid:
+                return f"{inf.role} #{inf.rank} · {name} · score {inf.score!r} · for query {r.query_id}, " \
+                       f"{r.method}, λ = {r.damping:.3g}"
+        text = f"{name} · not in the top {r.k}"
+        if r.all_scores is not None and hasattr(src, "train_position"):
+            try:
+                pos = int(src.train_position([sid])[0])
+                text = f"{name} · score {float(r.all_scores[pos])!r} (not in the top {r.k})"
+            except KeyError:
+                pass
+        return text + f" · for query {r.query_id}, {r.method}, λ = {r.damping:.3g}"
+
+    def preview(self, train_id: int) -> None:
+        """Show a training image in the larger view without pinning it (hover in the 2-D map)."""
+        src = self._thumb_source
+        if src is None:
+            return
+        try:
+            thumb = src.thumbnails([int(train_id)])[0]
+        except Exception:  # an unknown id: nothing to preview
+            return
+        with self.hold_sync():
+            self.preview_thumb = thumb
+            self.preview_text = self._describe(int(train_id))
+
+    def choose(self, train_ids) -> None:
+        """List these training images (a lasso in the 2-D map) under the proponents and opponents, with their
+        scores for the result shown; an empty list clears the list."""
+        src = self._thumb_source
+        ids = [int(i) for i in train_ids][: self.MAX_CHOSEN]
+        if src is None or not ids:
+            with self.hold_sync():
+                self.chosen, self.chosen_thumbs = [], []
+            return
+        r = self._result
+        scores = {}
+        if r is not None and r.all_scores is not None and hasattr(src, "train_position"):
+            pos = src.train_position(ids)
+            scores = {i: float(r.all_scores[p]) for i, p in zip(ids, pos)}
+        ids.sort(key=lambda i: -scores.get(i, 0.0))
+        labels = train_labels(src.backend, ids) if hasattr(src, "backend") else [None] * len(ids)
+        items = [{"id": i, "score": scores.get(i, float("nan")), "score_text": repr(scores.get(i, float("nan"))),
+                  "rank": n + 1, "label": "" if lab is None else str(lab)} for n, (i, lab) in enumerate(zip(ids, labels))]
+        with self.hold_sync():
+            self.chosen_thumbs = src.thumbnails(ids)
+            self.chosen = items
 
     def select(self, train_id: int) -> None:
         """Select a training image (e.g. from the 2-D map); jumps to its page when it is listed."""
@@ -175,11 +277,27 @@ class InfluenceGallery(anywidget.AnyWidget):
         return {"proponents": [d["id"] for d in self.proponents], "opponents": [d["id"] for d in self.opponents]}
 
 
-def _item(inf) -> dict:
-    return {"id": int(inf.id), "score": float(inf.score), "score_text": repr(float(inf.score)), "rank": int(inf.rank)}
+def _item(inf, label=None) -> dict:
+    return {"id": int(inf.id), "score": float(inf.score), "score_text": repr(float(inf.score)), "rank": int(inf.rank),
+            "label": "" if label is None else str(label)}
+
+
+def _settings_of(x) -> tuple:
+    band = tuple(x.band) if x.band else None
+    return (x.query_id, x.measurement, x.method, band, float(x.damping))
+
+
+def _caption_of(x) -> str:
+    band = "all timesteps" if not x.band else f"t ∈ [{x.band[0]}, {x.band[1]})"
+    return f"query {x.query_id} · {x.measurement} · {x.method} · damping {x.damping:.3g} · {band}"
+
+
+def _badge(r: InfluenceResult | None, session) -> str:
+    if r is None:
+        return ""
+    refining = bool(getattr(session, "refining", False)) and not r.exact
+    return r.badge + (" · refining…" if refining else "")
 
 
 def _caption(r: InfluenceResult) -> str:
-    band = "all timesteps" if r.band is None else f"t ∈ [{r.band[0]}, {r.band[1]})"
-    return (f"query {r.query_id} · {r.measurement} · {r.method} · damping {r.damping:.3g} · {band} · "
-            f"top {r.k}{' (exact)' if r.exact else ''}")
+    return f"{_caption_of(r)} · top {r.k}"

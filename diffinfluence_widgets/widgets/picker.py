@@ -8,6 +8,7 @@ import anywidget
 import traitlets
 
 from ..session import AttributionSession
+from .reading import GENERATED_ONLY_REASON, compatible_settings
 
 __all__ = ["QueryPicker"]
 
@@ -83,8 +84,12 @@ class QueryPicker(anywidget.AnyWidget):
         if self._pushing or v < 0 or v == self.session.query_id:
             return
         try:
-            self.session.query_id = v
-            self.message = ""
+            fix = compatible_settings(self.session, v)  # e.g. Journey-TRAK cannot explain a held-out image
+            self.session.update(query_id=v, **fix)
+            self.message = ("" if not fix else
+                            f"switched to {fix.get('method', self.session.method)} / "
+                            f"{fix.get('measurement', self.session.measurement)}: the previous choice "
+                            f"{GENERATED_ONLY_REASON}")
         except traitlets.TraitError as e:
             self.message = str(e)
 

@@ -78,11 +78,17 @@ class PlotlyView(anywidget.AnyWidget):
     _css = ".dinf-plotly { width: 100%; min-height: 120px; } .dinf-plotly-msg { color: #777; font-size: 12px; }"
     figure = traitlets.Dict().tag(sync=True)
     version = traitlets.Int(0).tag(sync=True)
+    #: offer plotly's lasso and box selection
+    selectable = traitlets.Bool(False).tag(sync=True)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         #: ``callback(curve, index, customdata)`` for a click on a point
         self.on_click: Callable[[int, int, object], None] | None = None
+        #: ``callback(customdata)`` when the pointer rests on a point; ``callback(list of customdata)`` for a
+        #: lasso / box selection (empty list: selection cleared)
+        self.on_hover: Callable[[object], None] | None = None
+        self.on_select_points: Callable[[list], None] | None = None
         self.on_msg(self._on_custom_msg)
 
     def show(self, fig: go.Figure) -> None:
@@ -98,6 +104,10 @@ class PlotlyView(anywidget.AnyWidget):
             self.send({"type": "plotly"}, buffers=[_plotly_bytes()])
         elif content.get("type") == "click" and self.on_click is not None:
             self.on_click(int(content.get("curve", -1)), int(content.get("index", -1)), content.get("customdata"))
+        elif content.get("type") == "hover" and self.on_hover is not None:
+            self.on_hover(content.get("customdata"))
+        elif content.get("type") == "select" and self.on_select_points is not None:
+            self.on_select_points(list(content.get("customdata") or []))
 
 
 class LazyRedraw:
@@ -195,7 +205,7 @@ class ScoreDistribution(_View):
         self.fig.add_bar(name="all training images", marker_color=GREY, hoverinfo="x+y")
         self.fig.add_scatter(name="top-k proponents", mode="markers", marker=dict(color=PRO, symbol="triangle-up", size=9))
         self.fig.add_scatter(name="top-k opponents", mode="markers", marker=dict(color=OPP, symbol="triangle-up", size=9))
-        self.fig.update_layout(title="Score distribution (positive: proponent, negative: opponent)",
+        self.fig.update_layout(title="Scores of all training images (the listed top-k marked)",
                                xaxis_title="score", yaxis_title="training images", bargap=0.02)
 
     def _compute(self):
@@ -284,50 +294,95 @@ class BandProfile(_View):
 
 
 class GradientMap(_View):
-    """2-D map of the projected training gradients; the query's top-k highlighted; click selects in the gallery."""
+    """2-D map of the projected training gradients (their first two principal directions), points coloured by
+    class; the query's top-k highlighted. Click selects a training image in the gallery, hovering previews it there
+    (plotly tooltips cannot show images), and a lasso / box selection lists the chosen images in the gallery."""
 
     channel = "map"
+    #: one colour per class (categorical, colour-blind safe first)
+    CLASS_COLOURS = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb", "#000000",
+                     "#ee8866", "#44bb99")
 
-    def __init__(self, session: AttributionSession, on_select: Callable[[int], None] | None = None, **kwargs):
+    def __init__(self, session: AttributionSession, on_select: Callable[[int], None] | None = None,
+                 on_hover: Callable[[int], None] | None = None, on_lasso: Callable[[list[int]], None] | None = None,
+                 **kwargs):
         self.on_select = on_select
+        self.on_hover_id = on_hover
+        self.on_lasso = on_lasso
         self.selected: int | None = None
         self._base_ready = False
+        self._base: list[int] = []  # trace indices of the per-class base traces
         super().__init__(session, **kwargs)
 
     def _setup(self):
-        self.fig.update_layout(title="Projected training gradients (2-D); click a point to show it in the gallery",
-                               xaxis_title="component 1", yaxis_title="component 2", clickmode="event",
-                               hovermode="closest")
+        self.fig.update_layout(title="Training gradients in 2-D — click: show in the gallery · lasso: list them",
+                               xaxis_title="1st principal direction of the projected training gradients",
+                               yaxis_title="2nd principal direction", clickmode="event", hovermode="closest",
+                               dragmode="lasso", legend=dict(orientation="v", x=1.02, y=1), height=420,
+                               margin=dict(l=60, r=20, t=40, b=50))
         self._base_ready = False
-        for name, colour, size, sym in (("training images", GREY, 5, "circle"), ("top-k proponents", PRO, 10, "circle"),
-                                        ("top-k opponents", OPP, 10, "circle"), ("selected", "#f0a202", 16, "star")):
-            self.fig.add_scatter(name=name, mode="markers", marker=dict(color=colour, size=size, symbol=sym),
-                                   hovertemplate="training image %{customdata}<extra></extra>")
+        self.view.selectable = True
         self.view.on_click = self._clicked
+        self.view.on_hover = self._hovered
+        self.view.on_select_points = self._lassoed
 
     def _compute(self):
         xy = self.session.map_2d()
         r = self.session.result
         return xy, r
 
+    def _build_base(self, xy) -> None:
+        from .reading import train_labels
+
+        ids = np.asarray(self.session.backend.train_ids)
+        labels = train_labels(self.session.backend, ids)
+        groups: dict = {}
+        for n, lab in enumerate(labels):
+            groups.setdefault(lab, []).append(n)
+        traces = []
+        for k, lab in enumerate(sorted(groups, key=lambda v: (v is None, v))):
+            pos = groups[lab]
+            colour = GREY if lab is None else self.CLASS_COLOURS[int(lab) % len(self.CLASS_COLOURS)]
+            traces.append(go.Scatter(x=xy[pos, 0], y=xy[pos, 1], customdata=ids[pos], mode="markers",
+                                     name="training images" if lab is None else f"class {lab}",
+                                     marker=dict(color=colour, size=6, opacity=0.55),
+                                     hovertemplate="training image %{customdata}<extra>%{fullData.name}</extra>"))
+        for name, colour, size, sym in (("top-k proponents", PRO, 12, "circle-open"),
+                                        ("top-k opponents", OPP, 12, "circle-open"),
+                                        ("selected", "#f0a202", 18, "star")):
+            traces.append(go.Scatter(x=[], y=[], customdata=[], mode="markers", name=name,
+                                     marker=dict(color=colour, size=size, symbol=sym, line=dict(width=2.5)),
+                                     hovertemplate="training image %{customdata}<extra>" + name + "</extra>"))
+        self.fig.data = []
+        self.fig.add_traces(traces)
+        self._base = list(range(len(traces) - 3))
+        self._base_ready = True
+
+    def _trace(self, name: str):
+        return next(t for t in self.fig.data if t.name == name)
+
     def _draw(self, data):
         xy, r = data
-        ids = np.asarray(self.session.backend.train_ids)
         if not self._base_ready:
-            self.fig.data[0].update(x=xy[:, 0], y=xy[:, 1], customdata=ids)
-            self._base_ready = True
-        for tr, lst in ((self.fig.data[1], r.proponents), (self.fig.data[2], r.opponents)):
+            self._build_base(xy)
+        for name, lst in (("top-k proponents", r.proponents), ("top-k opponents", r.opponents)):
             pos = self.session.train_position([i.id for i in lst])
-            tr.update(x=xy[pos, 0], y=xy[pos, 1], customdata=[i.id for i in lst])
+            self._trace(name).update(x=xy[pos, 0], y=xy[pos, 1], customdata=[i.id for i in lst])
         self._draw_selected(xy)
+
+    def _note(self, data):
+        xy, r = data
+        return (f"<small>{len(xy)} training images coloured by class; rings: the top {r.k} proponents (red) and "
+                f"opponents (blue) of query {r.query_id} ({r.method}, λ = {r.damping:.3g})</small>")
 
     def _draw_selected(self, xy=None):
         xy = self.session.map_2d() if xy is None else xy
+        tr = self._trace("selected")
         if self.selected is None:
-            self.fig.data[3].update(x=[], y=[], customdata=[])
+            tr.update(x=[], y=[], customdata=[])
         else:
             p = self.session.train_position([self.selected])
-            self.fig.data[3].update(x=xy[p, 0], y=xy[p, 1], customdata=[self.selected])
+            tr.update(x=xy[p, 0], y=xy[p, 1], customdata=[self.selected])
 
     def select(self, train_id: int | None) -> None:
         """Highlight a training image (called when the gallery selection changes)."""
@@ -337,13 +392,27 @@ class GradientMap(_View):
             self.view.show(self.fig)
 
     def _clicked(self, curve: int, index: int, customdata=None) -> None:
-        """A click on point ``index`` of trace ``curve`` (from the front end)."""
+        """A click on point ``index`` of trace ``curve`` (from the front end); the point's own id wins."""
         try:
-            tid = int(self.fig.data[curve].customdata[index])
+            tid = int(customdata) if customdata is not None else int(self.fig.data[curve].customdata[index])
         except (IndexError, TypeError, ValueError):
-            if customdata is None:
-                return
-            tid = int(customdata)
+            return
         self.select(tid)
         if self.on_select is not None:
             self.on_select(tid)
+
+    def _hovered(self, customdata) -> None:
+        try:
+            tid = int(customdata)
+        except (TypeError, ValueError):
+            return
+        if self.on_hover_id is not None:
+            self.on_hover_id(tid)
+
+    def _lassoed(self, ids: list) -> None:
+        try:
+            chosen = [int(i) for i in ids]
+        except (TypeError, ValueError):
+            return
+        if self.on_lasso is not None:
+            self.on_lasso(chosen)

@@ -5,7 +5,9 @@ Every check of "what the gallery shows" compares the DOM (ids, exact scores, dec
 Python itself wrote into the page (``.dinf-status``), and with the kernel's own direct ``backend.search``.
 Screenshots go to ``test-artifacts/``.
 """
+import json
 import time
+from html import unescape
 
 import pytest
 
@@ -26,6 +28,7 @@ def wait_settled(page, after: int, timeout=60_000) -> dict:
           if (!g || !st || g.dataset.state !== 'ready') return false;
           const rid = Number(g.dataset.renderedRequest);
           if (!(rid > after) || String(rid) !== g.dataset.requestId || Number(st.dataset.request) !== rid) return false;
+          if (st.dataset.json && JSON.parse(st.dataset.json).refining) return false;  // its exact answer follows
           const imgs = [...g.querySelectorAll('.dinf-gallery-body img.dinf-thumb')];
           return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
         }""", arg=[H.GALLERY, after], timeout=timeout)
@@ -113,6 +116,40 @@ def test_voila_renders_and_damping_reorders_as_backend_says(page, voila, browser
     no_errors(page, browser)
 
 
+def test_voila_badge_then_refined_gallery_is_the_exact_answer(page, voila, browser, backend):
+    """The gallery marks the answer; once refined it reads "exact ✓" and equals check_backend's exact answer, and
+    the "Check exact" button reports a full overlap."""
+    open_voila(page, voila)
+    page.wait_for_function(
+        """(sel) => {
+          const b = document.querySelector(sel + ' .dinf-badge');
+          const t = document.querySelector('.dinf-status .dinf-status-text');
+          return b && b.dataset.exact === 'true' && t && t.dataset.json && JSON.parse(t.dataset.json).exact;
+        }""", arg=H.GALLERY, timeout=120_000)
+    st = wait_settled(page, 0)
+    badge = page.locator(f"{H.GALLERY} .dinf-badge").first  # the main gallery (compare views have their own)
+    assert badge.get_attribute("aria-label") == "answer status"
+    assert badge.text_content().startswith("exact ✓") and st["badge"].startswith("exact ✓")
+    H.check_gallery_matches_backend(page, backend, PAGE_SIZE)  # the refined answer = backend.refine, bit for bit
+    exact = H.expected_search(backend, st)
+    assert exact.exact and exact.exact_over == "all"
+    # an approximate answer is marked as such until its refinement arrives: drag, then catch the first stage
+    before = H.python_status(page)
+    H.drag_damping(page, -120)
+    st2 = wait_slider_settled(page, before["request_id"])
+    assert st2["badge"].startswith("exact") or st2["badge"].startswith("approximate")
+    page.get_by_role("button", name="Check exact").click()
+    page.wait_for_function("() => { const c = document.querySelector('.dinf-check-text span');"
+                           " return c && ['exact', 'differs'].includes(c.dataset.state); }", timeout=60_000)
+    rep = json.loads(unescape(page.get_attribute(".dinf-check-text span", "data-json")))
+    k = int(st2["k"])
+    if st2["exact"]:
+        assert rep["proponents"]["overlap"] == rep["opponents"]["overlap"] == k
+    assert "of the exact top" in page.locator(".dinf-check-text").text_content()
+    H.screenshot(page, "voila-badge-exact")
+    no_errors(page, browser)
+
+
 def test_voila_query_proxy_method_band_generate(page, voila, browser, backend):
     st = open_voila(page, voila)
     # choose another query in the picker
@@ -196,11 +233,13 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     H.screenshot(page, "voila-05b-bands", ".dinf-plot-bands")
     # the 2-D map: click a highlighted proponent -> the gallery shows it (linked selection)
     page.click(".dinf-tabs .lm-TabBar-tab:has-text('Gradient map')")
-    pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(2) path.point"
+    # traces: one per class, then the top-k proponents, the top-k opponents and the selected image (last)
+    pts = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-last-of-type(3) path.point"
     page.wait_for_selector(pts, state="visible", timeout=90_000)
     page.locator(".dinf-plot-map .js-plotly-plot").scroll_into_view_if_needed()
+    # pinned by the click (a hover only previews the image, unpinned)
     zoom_shown = ("() => { const z = document.querySelector('.dinf-gallery .dinf-zoom');"
-                  " return z && !z.hidden && /training image \\d+/.test(z.textContent); }")
+                  " return z && !z.hidden && z.dataset.pinned === '1' && /training image \\d+/.test(z.textContent); }")
     for attempt in range(4):
         # plotly hit-tests through hover; a redraw between hover and click can swallow the click: retry
         box = stable_box(page, page.locator(pts).nth(attempt))
@@ -223,7 +262,11 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
                 raise
     zid = int(page.get_attribute(f"{H.GALLERY} .dinf-zoom", "data-id"))
     assert zid in set(int(i) for i in backend.train_ids)
-    page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-of-type(4) path.point")
+    page.wait_for_selector(".dinf-plot-map .js-plotly-plot .scatterlayer .trace:last-of-type path.point")
+    assert "principal direction" in page.locator(".dinf-plot-map .xtitle").first.text_content()
+    # hovering another point previews it in the gallery's larger view only while nothing is pinned: pinned here
+    zoom_text = page.inner_text(f"{H.GALLERY} .dinf-zoom-text")
+    assert f"training image {zid}" in zoom_text
     H.screenshot(page, "voila-05-map-selection", ".dinf-plot-map")
     # compare mode
     page.click(".dinf-tabs .lm-TabBar-tab:has-text('Compare')")

@@ -28,9 +28,19 @@ function render({ model, el: root, signal }) {
   const head = el("div", "dinf-gallery-head");
   const caption = el("div", "dinf-caption");
   const state = el("span", "dinf-busy", { "aria-live": "polite" });
-  head.append(caption, state);
+  // exact ✓ / approximate (est. recall …): is the list the method's exact top-k yet?
+  const badge = el("span", "dinf-badge", { "aria-live": "polite", "aria-label": "answer status" });
+  head.append(caption, badge, state);
   const sign = el("p", "dinf-sign");
+  const readout = el("p", "dinf-readout", { "aria-live": "polite" });
   const error = el("div", "dinf-error", { role: "alert" });
+
+  // the query, large, beside its proponents and opponents
+  const query = el("figure", "dinf-query-panel", { "aria-label": "The query" });
+  const queryImg = el("img", "dinf-query-img", { alt: "query image", draggable: "false" });
+  const queryText = el("figcaption", "dinf-query-text");
+  query.append(queryImg, queryText);
+  let queryUrl = null;
 
   const sections = {};
   const body = el("div", "dinf-gallery-body");
@@ -42,6 +52,17 @@ function render({ model, el: root, signal }) {
     sections[role] = { sec, h, grid };
     body.append(sec);
   }
+
+  // training images chosen with the lasso in the 2-D map
+  const chosenSec = el("section", "dinf-section dinf-chosen");
+  const chosenHead = el("h4", "dinf-section-title");
+  const chosenClear = el("button", "dinf-chosen-clear", { type: "button", title: "Clear the list" });
+  chosenClear.textContent = "clear";
+  const chosenGrid = el("div", "dinf-grid", { role: "list" });
+  chosenSec.append(chosenHead, chosenGrid);
+  chosenSec.hidden = true;
+  body.append(chosenSec);
+  let chosenUrls = [];
 
   const pager = el("nav", "dinf-pager", { "aria-label": "Gallery pages" });
   const prev = el("button", "dinf-page-prev", { type: "button", "aria-label": "Previous page", title: "Previous page (PageUp)" });
@@ -60,21 +81,21 @@ function render({ model, el: root, signal }) {
   zoom.append(zoomClose, zoomImg, zoomText);
 
   const main = el("div", "dinf-gallery-main");
-  main.append(body, zoom);
-  root.append(head, sign, error, main, pager);
+  main.append(query, body, zoom);
+  root.append(head, sign, readout, error, main, pager);
 
   let urls = [];
   let zoomUrl = null;
   let focusKey = null; // {role, index} of the tile that should hold focus after a redraw
   let hoverTimer = null;
 
-  const tiles = () => [...root.querySelectorAll(".dinf-tile")];
+  const tiles = () => [...root.querySelectorAll(".dinf-tile[data-role]")];
 
   function openZoom(tile, pin) {
-    const { role, id, score, rank } = tile.dataset;
+    const { role, id, score, rank, label } = tile.dataset;
     zoomImg.src = tile.querySelector("img").src;
     zoomImg.alt = `${role} ${rank}: training image ${id}`;
-    zoomText.textContent = `${role} #${rank} · training image ${id} · score ${tile.dataset.scoreText}`;
+    zoomText.textContent = `${role} #${rank} · training image ${id}${label ? " (class " + label + ")" : ""} · score ${tile.dataset.scoreText}`;
     zoom.hidden = false;
     zoom.dataset.id = id;
     zoom.dataset.pinned = pin ? "1" : "";
@@ -103,20 +124,20 @@ function render({ model, el: root, signal }) {
     const thumbs = model.get(`${role}_thumbs`) || [];
     const { h, grid } = sections[role];
     const total = model.get(`${role}_total`) || 0;
-    h.textContent = role === "proponent"
-      ? `Proponents: the ${total} highest scores (positive: removing the image is predicted to increase the query's measurement)`
-      : `Opponents: the ${total} lowest scores (negative: removing the image is predicted to decrease the query's measurement)`;
+    const titles = model.get("titles") || ["Proponents", "Opponents"];
+    h.textContent = `${titles[role === "proponent" ? 0 : 1]} · ${total}`;
     const frag = document.createDocumentFragment();
     const selected = model.get("selected_id");
     items.forEach((it, i) => {
       const t = el("button", "dinf-tile", {
         type: "button", role: "listitem",
-        "aria-label": `${role === "proponent" ? "Proponent" : "Opponent"} ${it.rank}: training image ${it.id}, score ${it.score_text}`,
-        title: `training image ${it.id}\nscore ${it.score_text}\n(click or Enter for a larger view)`,
+        "aria-label": `${role === "proponent" ? "Proponent" : "Opponent"} ${it.rank}: training image ${it.id}` +
+          `${it.label ? ", class " + it.label : ""}, score ${it.score_text}`,
+        title: `training image ${it.id}${it.label ? " (class " + it.label + ")" : ""}\nscore ${it.score_text}\n(click or Enter for a larger view)`,
       });
       t.tabIndex = -1;
       Object.assign(t.dataset, { role, index: String(i), id: String(it.id), score: String(it.score),
-        scoreText: it.score_text, rank: String(it.rank) });
+        scoreText: it.score_text, rank: String(it.rank), label: it.label || "" });
       if (it.id === selected) t.classList.add("dinf-selected");
       const img = el("img", "dinf-thumb", { alt: `training image ${it.id}`, draggable: "false" });
       if (thumbs[i]) {
@@ -124,13 +145,20 @@ function render({ model, el: root, signal }) {
         urls.push([img, u]);
         img.src = u;
       }
+      const idl = el("span", "dinf-tile-id");
+      idl.textContent = `#${it.id}`;
+      if (it.label) {
+        const lab = el("span", "dinf-tile-label", { title: "class label" });
+        lab.textContent = it.label;
+        idl.append(" · ", lab);
+      }
       const cap = el("span", "dinf-tile-caption");
       const rank = el("span", "dinf-rank");
-      rank.textContent = `#${it.rank}`;
+      rank.textContent = `${it.rank}.`;
       const sc = el("span", `dinf-score dinf-score-${it.score >= 0 ? "pos" : "neg"}`);
       sc.textContent = fmt(it.score);
       cap.append(rank, sc);
-      t.append(img, cap);
+      t.append(img, idl, cap);
       frag.append(t);
     });
     grid.replaceChildren(frag);
@@ -181,9 +209,64 @@ function render({ model, el: root, signal }) {
     });
   }
 
+  function drawChosen() {
+    for (const u of chosenUrls) URL.revokeObjectURL(u);
+    chosenUrls = [];
+    const items = model.get("chosen") || [];
+    const thumbs = model.get("chosen_thumbs") || [];
+    chosenSec.hidden = !items.length;
+    chosenHead.replaceChildren(`Chosen in the gradient map · ${items.length} (by score) `, chosenClear);
+    const frag = document.createDocumentFragment();
+    items.forEach((it, i) => {
+      const t = el("div", "dinf-tile dinf-chosen-tile", { role: "listitem",
+        "aria-label": `chosen training image ${it.id}${it.label ? ", class " + it.label : ""}, score ${it.score_text}` });
+      t.dataset.id = String(it.id);
+      const img = el("img", "dinf-thumb", { alt: `training image ${it.id}` });
+      if (thumbs[i]) { const u = blobUrl(thumbs[i]); chosenUrls.push(u); img.src = u; }
+      const idl = el("span", "dinf-tile-id");
+      idl.textContent = `#${it.id}${it.label ? " · " + it.label : ""}`;
+      const sc = el("span", `dinf-score dinf-score-${it.score >= 0 ? "pos" : "neg"}`);
+      sc.textContent = fmt(it.score);
+      t.append(img, idl, sc);
+      frag.append(t);
+    });
+    chosenGrid.replaceChildren(frag);
+  }
+
+  let previewUrl = null;
+  function drawPreview() {
+    const dv = model.get("preview_thumb");
+    if (!dv || !dv.byteLength || zoom.dataset.pinned) return;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = blobUrl(dv);
+    zoomImg.src = previewUrl;
+    zoomText.textContent = model.get("preview_text") || "";
+    zoom.hidden = false;
+    zoom.dataset.id = "";
+  }
+
+  function drawQuery() {
+    const dv = model.get("query_thumb");
+    if (queryUrl) { queryImg.removeAttribute("src"); URL.revokeObjectURL(queryUrl); queryUrl = null; }
+    if (dv && dv.byteLength) {
+      queryUrl = blobUrl(dv);
+      queryImg.src = queryUrl;
+    }
+    const text = model.get("query_text") || "";
+    queryImg.alt = text || "query image";
+    queryText.textContent = text;
+    query.hidden = !(dv && dv.byteLength);
+  }
+
   function drawMeta() {
     caption.textContent = model.get("caption") || "";
+    const b = model.get("badge") || "";
+    badge.textContent = b;
+    badge.hidden = !b;
+    badge.dataset.exact = b.startsWith("exact") ? "true" : "false";
     sign.textContent = model.get("sign_text") || "";
+    readout.textContent = model.get("readout") || "";
+    readout.hidden = !model.get("readout");
     const err = model.get("error") || "";
     error.textContent = err;
     error.hidden = !err;
@@ -224,13 +307,14 @@ function render({ model, el: root, signal }) {
 
   body.addEventListener("click", (e) => {
     const t = e.target.closest(".dinf-tile");
-    if (t) { focusTile(t); openZoom(t, true); }
+    if (t) { clearTimeout(hoverTimer); focusTile(t); openZoom(t, true); }
   }, { signal });
   body.addEventListener("mouseover", (e) => {
     const t = e.target.closest(".dinf-tile");
     if (!t || zoom.dataset.pinned) return;
     clearTimeout(hoverTimer);
-    hoverTimer = setTimeout(() => openZoom(t, false), 120);
+    // re-checked when the timer fires: a click in between pins the view, and a preview must not unpin it
+    hoverTimer = setTimeout(() => { if (!zoom.dataset.pinned) openZoom(t, false); }, 120);
   }, { signal });
   body.addEventListener("mouseleave", () => {
     clearTimeout(hoverTimer);
@@ -271,14 +355,26 @@ function render({ model, el: root, signal }) {
   }, { signal });
 
   model.on("change:version", draw);
-  model.on("change:caption change:sign_text change:error change:busy change:progress", drawMeta);
-  model.on("change:selected_id change:selected_thumb", drawSelected);
+  model.on("change:caption change:badge change:sign_text change:readout change:error change:busy change:progress", drawMeta);
+  model.on("change:selected_id change:selected_thumb change:selected_text", drawSelected);
+  model.on("change:query_thumb change:query_text", drawQuery);
+  model.on("change:chosen", drawChosen);
+  model.on("change:preview_thumb change:preview_text", drawPreview);
+  chosenClear.addEventListener("click", () => { model.set("chosen", []); model.set("chosen_thumbs", []); model.save_changes(); }, { signal });
+  drawChosen();
   drawMeta();
+  drawQuery();
   draw();
   drawSelected();
   return () => {
     release();
     if (zoomUrl) URL.revokeObjectURL(zoomUrl);
+    if (queryUrl) URL.revokeObjectURL(queryUrl);
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    for (const u of chosenUrls) URL.revokeObjectURL(u);
+    model.off(null, drawChosen);
+    model.off(null, drawPreview);
+    model.off(null, drawQuery);
     model.off("change:version", draw);
     model.off(null, drawMeta);
     model.off(null, drawSelected);

@@ -43,7 +43,7 @@ function render({ model, el, signal }) {
     const fig = model.get("figure") || {};
     const version = model.get("version");
     drawn = drawn.then(() => Plotly.react(div, fig.data || [], fig.layout || {},
-      { displaylogo: false, modeBarButtonsToRemove: ["select2d", "lasso2d"] }))
+      { displaylogo: false, modeBarButtonsToRemove: model.get("selectable") ? [] : ["select2d", "lasso2d"] }))
       .then(() => {
         // Plotly gives the div its event API (div.on) only once it has drawn into it
         if (!bound && typeof div.on === "function") {
@@ -54,6 +54,19 @@ function render({ model, el, signal }) {
             model.send({ type: "click", curve: p.curveNumber, index: p.pointNumber,
               customdata: p.customdata === undefined ? null : p.customdata });
           });
+          // hover and lasso / box selection go to Python as the points' customdata (training ids)
+          let hoverTimer = null;
+          div.on("plotly_hover", (ev) => {
+            const p = ev && ev.points && ev.points[0];
+            if (!p || p.customdata === undefined) return;
+            clearTimeout(hoverTimer);
+            hoverTimer = setTimeout(() => model.send({ type: "hover", customdata: p.customdata }), 80);
+          });
+          div.on("plotly_selected", (ev) => {
+            const ids = ((ev && ev.points) || []).map((p) => p.customdata).filter((c) => c !== undefined && c !== null);
+            model.send({ type: "select", customdata: [...new Set(ids)] });
+          });
+          div.on("plotly_deselect", () => model.send({ type: "select", customdata: [] }));
         }
         el.dataset.version = String(version);
         msg.textContent = "";
@@ -61,11 +74,15 @@ function render({ model, el, signal }) {
       .catch((e) => { msg.textContent = `plot error: ${e}`; });
   };
 
-  loadPlotly(model).then((P) => {
+  // plotly.js is ~4.8 MB to receive and evaluate: ask for it once the page is idle (at most 1.5 s after the
+  // view renders), so the gallery — what a user looks at first — is not slowed down by it
+  const idle = new Promise((resolve) => (window.requestIdleCallback
+    ? window.requestIdleCallback(resolve, { timeout: 1500 }) : setTimeout(resolve, 300)));
+  idle.then(() => (signal.aborted ? Promise.reject(new Error("view removed")) : loadPlotly(model))).then((P) => {
     if (signal.aborted) return;
     Plotly = P;
     draw();
-  }).catch((e) => { msg.textContent = `could not load plotly.js: ${e}`; });
+  }).catch((e) => { if (!signal.aborted) msg.textContent = `could not load plotly.js: ${e}`; });
 
   // a figure first drawn in a hidden tab has no width: redraw to the container's size when it gets one
   let lastWidth = 0;

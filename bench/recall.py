@@ -1,0 +1,149 @@
+"""Recall of the explorer's answers against the method's exact scores, across the damping slider (issue 9).
+
+For the shipped demo config (or ``--config tiny``), for each query, each K-FAC-family method and every decade of
+the damping slider's range (the range :class:`~diffinfluence_widgets.widgets.controls.Controls` shows), prints
+recall@10 against exact scores for proponents and opponents of:
+
+- **raw (FAISS)**: the projected search (``IndexBackend.search``), the instant first answer for a new setting;
+- **profile**: the top-10 of the query's damping-profile estimate (available instantly once a query was refined
+  once: an ``[N, B]`` product, no pass over the store);
+- **refined**: ``IndexBackend.refine``, the answer the explorer finally shows.
+
+The exact reference is computed here independently of the exact store and of :mod:`diffinfluence_widgets.refine`:
+one pass of full training gradients with the store's draws, rotated into the eigenbasis in float64 and kept in
+memory, and ``Σ_i u_i r_ji / (Λ_i + λ)`` in float64. Refine latency: the first refine of a query (one streamed pass
+over the exact store) and every later one (a damping change). One thread. The last line is
+``RECALL raw_min=<x> refined_min=<y> refine_median_ms=<z>`` (min over λ, sides, queries and methods; the median
+over damping changes).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def recall(found, exact) -> float:
+    return len(set(map(int, found)) & set(map(int, exact))) / max(len(exact), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="demo", choices=["demo", "tiny"])
+    ap.add_argument("--cache", default=None, help="parent of the demo cache folders (default $DIFFINFLUENCE_CACHE)")
+    ap.add_argument("--queries", type=int, default=8, help="queries (held-out first, then generated)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--methods", default="ekfac,kfac")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    from diffinfluence_widgets.demo import default_cache_dir, load_or_build_demo
+    from diffinfluence_widgets.influence.gradients import per_example_gradients
+    from diffinfluence_widgets.index.refine import flat_eigenvalues
+    from diffinfluence_widgets.widgets.controls import DECADES_ABOVE, DECADES_BELOW
+
+    if args.cache:
+        os.environ["DIFFINFLUENCE_CACHE"] = args.cache
+    t0 = time.perf_counter()
+    b = load_or_build_demo(args.config, default_cache_dir(args.config), progress=False, threads=1)
+    print(f"backend ready in {time.perf_counter() - t0:.1f} s ({args.config}: N = {len(b.train_ids)}, "
+          f"P = {b.curvature.num_parameters}, k = {b.projector.k}, S = {b.num_draws} training draws, "
+          f"{b.query_num_draws} query draws)")
+    st = b.exact_store
+    if st is None:
+        raise SystemExit("the backend has no exact store (exact_store=False or too large)")
+    sc0 = next(iter(b._exact.values()))
+    print(f"exact store: {st.bytes_per_example} B per training image on disk ({st.settings['dtype']}), "
+          f"{len(st) * st.bytes_per_example / 2**20:.0f} MiB in all; damping profile: {sc0.num_bins} bins, "
+          f"{24 * sc0.num_bins} B per training image and refined query in memory")
+    methods = [m for m in args.methods.split(",") if m in b.methods]
+    logs = [math.log10(b.default_damping[m]) for m in b.methods]
+    decades = list(range(math.floor(min(logs)) - DECADES_BELOW, math.ceil(max(logs)) + DECADES_ABOVE + 1))
+    dampings = [10.0 ** e for e in decades]
+    qs = [q for q in b.queries() if q.kind == "heldout"] + [q for q in b.queries() if q.kind == "generated"]
+    qs = qs[: args.queries]
+    print(f"slider range 1e{decades[0]} … 1e{decades[-1]} ({len(dampings)} decades), {len(qs)} queries, "
+          f"methods {methods}, k = {args.k}")
+
+    # ---- exact reference, independent of the exact store: full gradients, rotated in float64, in memory
+    t1 = time.perf_counter()
+    names = b.layer_names
+    rows = []
+    for a in range(0, len(b.train_ids), b.batch_size):
+        pos = list(range(a, min(len(b.train_ids), a + b.batch_size)))
+        ids = [int(b.train_ids[p]) for p in pos]
+        g = per_example_gradients(b.model, b.train.images[pos], ids, "loss", num_draws=b.num_draws,
+                                  seed=b.draw_seed, batch_size=b.batch_size)
+        rot = b.curvature.rotate({n: g.layers[n].double() for n in names})
+        rows.append(torch.cat([rot[n].reshape(len(pos), -1) for n in names], 1))
+    R = torch.cat(rows)  # [N, P] float64
+    print(f"reference gradients: {time.perf_counter() - t1:.1f} s ({R.numel() * 8 / 2**30:.2f} GiB float64)")
+
+    raw_min, ref_min, prof_min = 1.0, 1.0, 1.0
+    first_ms, change_ms = [], []
+    table = {}  # (method, decade) -> lists
+    for q in qs:
+        for m in methods:
+            p = b.prepare(q.id, "loss", m)
+            u = torch.cat([p.payload.exact_rot[n].reshape(-1) for n in names]).double()
+            lam_vec = torch.from_numpy(flat_eigenvalues(b.curvature, m))
+            default = b.default_damping[m]
+            order = [default] + [d for d in dampings if d != default]  # the explorer opens at the default
+            for i, lam in enumerate(order):
+                exact = (R @ (u / (lam_vec + lam))).numpy()
+                n = len(exact)
+                e_pro = np.lexsort((np.arange(n), -exact))[: args.k]
+                e_opp = np.lexsort((np.arange(n), exact))[: args.k]
+                raw = b.search(p, lam, args.k)
+                prof = None
+                if p.payload.exact_state is not None:  # the damping profile of this query exists
+                    est, _ = b._exact[m].bounds(p.payload.exact_state, lam)
+                    prof = (np.argsort(-est)[: args.k], np.argsort(est)[: args.k])
+                t = time.perf_counter()
+                ref = b.refine(p, lam, args.k)
+                ms = (time.perf_counter() - t) * 1e3
+                (first_ms if i == 0 else change_ms).append(ms)
+                pos = st.positions
+                r = [recall(pos(raw.proponent_ids), e_pro), recall(pos(raw.opponent_ids), e_opp),
+                     recall(pos(ref.proponent_ids), e_pro), recall(pos(ref.opponent_ids), e_opp)]
+                if prof is not None:
+                    r += [recall(prof[0], e_pro), recall(prof[1], e_opp)]
+                    prof_min = min(prof_min, *r[4:])
+                raw_min, ref_min = min(raw_min, r[0], r[1]), min(ref_min, r[2], r[3])
+                ok = np.allclose(ref.proponent_scores, exact[e_pro], rtol=1e-4, atol=1e-7 * np.abs(exact).max())
+                cell = table.setdefault((m, round(math.log10(lam))), [])
+                cell.append(r + [ref.stats.get("candidates", -1), float(ok)])
+    print()
+    print("| method | λ | raw FAISS prop / opp | profile estimate prop / opp | refined prop / opp | "
+          "candidates rescored (median) | refined scores = exact |")
+    print("|---|---|---|---|---|---|---|")
+    for (m, e), cells in sorted(table.items()):
+        a = np.array([c[:4] for c in cells]).mean(0)
+        pr = [c[4:6] for c in cells if len(c) == 8]
+        prs = " / ".join(f"{v:.2f}" for v in np.array(pr).mean(0)) if pr else "—"
+        cand = int(np.median([c[-2] for c in cells]))
+        good = all(c[-1] == 1.0 for c in cells)
+        print(f"| {m} | 1e{e} | {a[0]:.2f} / {a[1]:.2f} | {prs} | {a[2]:.2f} / {a[3]:.2f} | {cand} | "
+              f"{'yes' if good else 'NO'} |")
+    print()
+    print(f"refine latency, new query (one streamed pass over the exact store): median "
+          f"{np.median(first_ms):.0f} ms, max {np.max(first_ms):.0f} ms ({len(first_ms)} queries × methods)")
+    print(f"refine latency, damping change (profile bounds + candidate rows): median {np.median(change_ms):.1f} ms, "
+          f"p95 {np.percentile(change_ms, 95):.1f} ms ({len(change_ms)} changes)")
+    print(f"profile estimate (instant after a query's first refine): recall@{args.k} min {prof_min:.2f}")
+    print(f"RECALL raw_min={raw_min:.2f} refined_min={ref_min:.2f} refine_median_ms={np.median(change_ms):.1f}")
+
+
+if __name__ == "__main__":
+    main()

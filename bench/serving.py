@@ -1,0 +1,197 @@
+"""Bench of ``diffinfluence serve`` as users meet it: page-ready time and memory (server + kernels).
+
+Starts the real command line (token, preheated kernel, kernel culling) on a built demo cache, opens the explorer in
+headless Chromium several times, and measures
+
+- **page ready**: from the navigation (first open, then reloads) to the explorer on screen with the gallery's and
+  the query's images decoded — each load after the preheated kernel has been refilled (``server.json`` counts the
+  kernels that finished running the app), as a user arriving at a warm server sees it;
+- **peak RSS** of the command line + Voila + every kernel, sampled every 0.25 s through ``/proc`` for the whole run;
+- the kernels left after the reloads and after closing the page (culling).
+
+    python bench/serving.py --config tiny --pages 5
+    python bench/serving.py --config demo --cache /path/to/demo-cache
+
+Writes the "Serving the explorer" section of bench/RESULTS.md. Goals: page ready ≤ 3 s median; peak ≤ 1.5 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests" / "browser"))
+GOAL_S, GOAL_MB = 3.0, 1536.0
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return 0.0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Sampler(threading.Thread):
+    """Peak of the summed RSS of a process tree."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.peak_parts, self.stop = pid, 0.0, {}, threading.Event()
+
+    def parts(self) -> dict:
+        from diffinfluence_widgets.serving import descendants
+
+        out = {"cli": rss_mb(self.pid), "voila": 0.0, "kernels": 0.0, "other": 0.0, "num_kernels": 0}
+        for p in descendants(self.pid):
+            c = cmdline(p)
+            key = "voila" if " -m voila " in c + " " else "kernels" if "ipykernel_launcher" in c else "other"
+            out[key] += rss_mb(p)
+            out["num_kernels"] += key == "kernels"
+        return out
+
+    def run(self):
+        while not self.stop.is_set():
+            p = self.parts()
+            total = p["cli"] + p["voila"] + p["kernels"] + p["other"]
+            if total > self.peak:
+                self.peak, self.peak_parts = total, p
+            time.sleep(0.25)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="tiny", choices=["tiny", "demo"])
+    ap.add_argument("--cache", default=None, help="demo cache folder (default .cache/dinf-widgets/<config>)")
+    ap.add_argument("--pages", type=int, default=5, help="page loads to time (first open + reloads)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    import harness as H
+    from playwright.sync_api import sync_playwright
+
+    cache = Path(args.cache or REPO / ".cache" / "dinf-widgets" / args.config).resolve()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "diffinfluence_widgets.cli"]
+    subprocess.run([*cli, "build", "--config", args.config, "--cache-dir", str(cache), "--threads", "1", "--quiet"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    status = cache / "app" / "jupyter-config" / "server.json"
+    status.unlink(missing_ok=True)
+    port = H.free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="dinf-serve-bench-"))
+    log = open(tmp / "serve.log", "w")
+    t_start = time.perf_counter()
+    proc = subprocess.Popen([*cli, "serve", "--config", args.config, "--cache-dir", str(cache), "--threads", "1",
+                             "--port", str(port), "--cull-idle", "20"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+
+    def server() -> dict:
+        try:
+            return json.loads(status.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_apps(n: int, timeout=300) -> None:
+        t0 = time.monotonic()
+        while server().get("apps_ready", 0) < n:
+            if proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise RuntimeError((tmp / "serve.log").read_text())
+            time.sleep(0.1)
+
+    result = {}
+    try:
+        wait_apps(1)
+        ready_s = time.perf_counter() - t_start
+        url = server()["url"]
+        times = []
+        with sync_playwright() as pw:
+            ctx = H.launch_browser(pw, tmp / "profile")
+            ctx.set_default_timeout(120_000)
+            page = ctx.new_page()
+            for i in range(args.pages):
+                wait_apps(1 + i)  # the preheated kernel of this load has run the app
+                time.sleep(0.5)
+                t0 = time.perf_counter()
+                if i == 0:
+                    page.goto(url, wait_until="domcontentloaded")
+                else:
+                    page.reload(wait_until="domcontentloaded")
+                H.wait_explorer(page)
+                page.wait_for_function("() => { const g = document.querySelector('.dinf-explorer .dinf-gallery');"
+                                       " const imgs = [...g.querySelectorAll('img.dinf-thumb, img.dinf-query-img')];"
+                                       " return imgs.length > 1 && imgs.every(i => i.complete && i.naturalWidth > 0)"
+                                       " && !!g.querySelector('img.dinf-query-img[src]'); }")
+                times.append(time.perf_counter() - t0)
+            wait_apps(1 + args.pages)
+            time.sleep(25)  # culling: the replaced pages' kernels go after 20 s idle
+            open_parts = sampler.parts()
+            page.goto("about:blank")
+            time.sleep(25)
+            closed_parts = sampler.parts()
+            ctx.close()
+        result = {"config": args.config, "pages": args.pages, "serve_ready_s": ready_s, "page_ready_s": times,
+                  "median_s": statistics.median(times), "peak_mb": sampler.peak, "peak_parts": sampler.peak_parts,
+                  "open_parts": open_parts, "closed_parts": closed_parts}
+    finally:
+        sampler.stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    print(json.dumps(result, indent=1))
+    if not args.no_write:
+        write_results(result, HERE / "RESULTS.md")
+    return 0
+
+
+def write_results(r: dict, path: Path) -> None:
+    pp, op, cp = r["peak_parts"], r["open_parts"], r["closed_parts"]
+    ok_t = "meets" if r["median_s"] <= GOAL_S else "MISSES"
+    ok_m = "meets" if r["peak_mb"] <= GOAL_MB else "MISSES"
+    section = f"""## Serving the explorer (issue 10)
+
+`python bench/serving.py --config {r['config']} --pages {r['pages']}`: the real `diffinfluence serve` (token,
+one preheated kernel, kernel culling after 20 s idle without a page) on a built `{r['config']}` cache, driven by
+headless Chromium; torch threads 1; {os.cpu_count()} cores shared with other jobs, {time.strftime('%Y-%m-%d')}.
+
+| measure | value | goal |
+| --- | --- | --- |
+| command start → "The explorer is ready" (child checks the cache, Voila starts, kernel preheats) | {r['serve_ready_s']:.1f} s | |
+| page ready (navigation → explorer with every image decoded), {r['pages']} loads | median **{r['median_s']:.2f} s** ({', '.join(f'{t:.2f}' for t in r['page_ready_s'])}) | ≤ {GOAL_S:.0f} s ({ok_t}) |
+| peak RSS, CLI + Voila + kernels, whole run | **{r['peak_mb']:.0f} MB** (CLI {pp.get('cli', 0):.0f}, Voila {pp.get('voila', 0):.0f}, {pp.get('num_kernels', 0)} kernels {pp.get('kernels', 0):.0f}) | ≤ {GOAL_MB:.0f} MB ({ok_m}) |
+| after {r['pages']} loads, page open (culling done) | {op['num_kernels']} kernels (the page's + the preheated spare), total {op['cli'] + op['voila'] + op['kernels']:.0f} MB | no leak |
+| page closed | {cp['num_kernels']} kernel (the spare), total {cp['cli'] + cp['voila'] + cp['kernels']:.0f} MB | |
+
+The command line itself holds no backend (~{pp.get('cli', 0):.0f} MB: the cache check and any build run in a child
+process); each kernel holds one backend. With `--pool-size 0` there is no spare kernel (one kernel fewer, but each
+page then waits for its kernel to import torch / diffusers and load the backend: 10–15 s here).
+
+"""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    start = text.find("## Serving the explorer")
+    if start >= 0:
+        nxt = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+    print(f"wrote the Serving section of {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Refined answers (issue 9): the explorer's second answer is the method's exact top-k.
+
+Reference everywhere: :func:`compute_scores` with full training gradients and the store's draws, in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+DAMPINGS = (1e-8, 1e-4, 1.0)  # across the slider: the paper default, the eigenvalue scale, far above it
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A fresh tiny UNet (with an attention block) on 24 digits, its EK-FAC curvature and a float64 backend."""
+    from diffinfluence_widgets.data import load_digits
+    from diffinfluence_widgets.diffusion.model import DiffusionModel, tiny_unet_config
+    from diffinfluence_widgets.index import IndexBackend
+    from diffinfluence_widgets.influence.curvature import fit_curvature
+
+    train = load_digits(size=8, split="train", limit=24)
+    held = load_digits(size=8, split="heldout", limit=2)
+    model = DiffusionModel.from_config(tiny_unet_config(8), seed=0)
+    assert any("attn" in n or "attention" in n for n, _ in model.unet.named_modules())
+    curv = fit_curvature(model, train, num_draws=4, progress=False)
+    b = IndexBackend.build(model, train, held, curv, tmp_path_factory.mktemp("refine"), k=64, k_b=8, k_a=8,
+                           num_draws=4, query_num_draws=4, num_generated=0, shard_size=10, progress=False,
+                           methods=("ekfac", "kfac"), measurements=["loss", "elbo_simplified"],
+                           query_dtype=torch.float64, exact_dtype="float64")
+    return model, train, held, curv, b
+
+
+def _kfac_curvature(curv):
+    """The same eigenbasis with K-FAC eigenvalues λ_B λ_Aᵀ (what method "kfac" means)."""
+    ev = {n: torch.outer(curv.lambda_b[n], curv.lambda_a[n]) for n in curv.layer_names}
+    return dataclasses.replace(curv, eigenvalues=ev)
+
+
+def _reference(model, curv, held, train, b, qpos, measurement, method):
+    from diffinfluence_widgets.influence.scores import compute_scores
+
+    c = curv if method == "ekfac" else _kfac_curvature(curv)
+    return compute_scores(model, c, held.images[qpos:qpos + 1], held.ids[qpos:qpos + 1], train,
+                          measurement=measurement, damping=list(DAMPINGS), num_draws=b.query_num_draws,
+                          train_num_draws=b.num_draws, seed=b.draw_seed, bands=b.bands, dtype=torch.float64,
+                          progress=False)
+
+
+def _check(r, ref_row, train_ids, k):
+    order = np.lexsort((np.arange(len(ref_row)), -ref_row))
+    rev = np.lexsort((np.arange(len(ref_row)), ref_row))
+    assert r.exact and r.exact_over == "all"
+    assert list(r.proponent_ids) == list(train_ids[order[:k]])
+    assert list(r.opponent_ids) == list(train_ids[rev[:k]])
+    scale = np.abs(ref_row).max()
+    np.testing.assert_allclose(r.proponent_scores, ref_row[order[:k]], rtol=1e-5, atol=1e-9 * scale)
+    np.testing.assert_allclose(r.opponent_scores, ref_row[rev[:k]], rtol=1e-5, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+@pytest.mark.parametrize("measurement", ["loss", "elbo_simplified"])
+def test_refined_answer_equals_exact_full_gradient_scores(setup, method, measurement, monkeypatch):
+    import diffinfluence_widgets.influence.gradients as grads
+
+    model, train, held, curv, b = setup
+    ref = _reference(model, curv, held, train, b, 0, measurement, method)
+    p = b.prepare(int(held.ids[0]), measurement, method)
+    band_p = b.prepare(int(held.ids[0]), measurement, method, band=b.bands[1])
+    calls = []
+    real = grads.per_example_gradients
+    monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    k = 5
+    for i, lam in enumerate(DAMPINGS):  # the first λ streams the store, the others use the damping profile
+        r = b.refine(p, lam, k)
+        _check(r, ref[i].matrix[0].numpy(), b.train_ids, k)
+        assert r.stats["streamed"] == (i == 0)
+        rb = b.refine(band_p, lam, k)  # a timestep band: its own query part
+        _check(rb, ref[i].band_matrix[1, 0].numpy(), b.train_ids, k)
+    assert calls == [], "a damping change after refinement computed training gradients"
+    # the approximate answer is the projected search; the refined one says what it is exact over
+    assert not b.search(p, 1e-8, k).exact
+
+
+def test_refine_rejects_bad_damping(setup):
+    *_, held, _, b = setup
+    p = b.prepare(int(held.ids[1]), "loss", "ekfac")
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping"):
+            b.refine(p, bad, 3)
+
+
+def test_pool_refinement_without_exact_store_computes_no_gradient_on_damping_change(setup, tmp_path, monkeypatch):
+    """Datasets too large for the exact store: exact scores over a pool of FAISS candidates of every decade."""
+    import diffinfluence_widgets.influence.gradients as grads
+    from diffinfluence_widgets.index import IndexBackend
+
+    model, train, held, curv, _ = setup
+    b = IndexBackend.build(model, train, held, curv, tmp_path, k=64, k_b=8, k_a=8, num_draws=4,
+                           query_num_draws=4, num_generated=0, shard_size=10, progress=False, methods=("ekfac",),
+                           measurements=["loss"], query_dtype=torch.float64, exact_store=False)
+    assert b.exact_store is None
+    ref = _reference(model, curv, held, train, b, 1, "loss", "ekfac")
+    p = b.prepare(int(held.ids[1]), "loss", "ekfac")
+    r0 = b.refine(p, DAMPINGS[0], 3)
+    assert r0.exact_over == "candidates"
+    pool_ids = p.payload.exact_state[0]
+    calls = []
+    real = grads.per_example_gradients
+    monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pos = np.array([int(np.flatnonzero(b.train_ids == i)[0]) for i in pool_ids])
+    for i, lam in enumerate(DAMPINGS):
+        r = b.refine(p, lam, 3)
+        row = ref[i].matrix[0].numpy()[pos]
+        order = np.lexsort((pool_ids, -row))[:3]
+        assert list(r.proponent_ids) == list(pool_ids[order])
+        np.testing.assert_allclose(r.proponent_scores, row[order], rtol=1e-5, atol=1e-9 * np.abs(row).max())
+    assert calls == []
+
+
+def test_exact_store_refuses_other_model_curvature_and_resumes(setup, tmp_path):
+    from diffinfluence_widgets.diffusion.model import DiffusionModel, tiny_unet_config
+    from diffinfluence_widgets.store.exact import (ExactStore, ExactStoreCorruptError, ExactStoreMismatchError,
+                                                   build_exact_store)
+
+    model, train, held, curv, b = setup
+    st = b.exact_store
+    other = DiffusionModel.from_config(tiny_unet_config(8), seed=1)
+    with pytest.raises(ExactStoreMismatchError, match="model_fingerprint"):
+        ExactStore.open(st.path, model=other)
+    with pytest.raises(ExactStoreMismatchError, match="curvature_basis"):
+        ExactStore.open(st.path, curvature=_rotated_basis(curv))
+    with pytest.raises(ExactStoreMismatchError, match="dtype"):
+        build_exact_store(st.path, model, train, curv, num_draws=4, seed=0, dtype="float32", progress=False)
+    # a build interrupted after some shards resumes to the same bytes
+    path = tmp_path / "ex"
+    full = build_exact_store(path, model, train, curv, num_draws=4, seed=0, dtype="float64", shard_size=10,
+                             progress=False)
+    want = np.concatenate([np.asarray(s) for s in full.shards])
+    (path / "shards" / "shard-00001.npy").unlink()
+    (path / "manifest.json").write_text((path / "manifest.json").read_text().replace('"complete": true',
+                                                                                      '"complete": false'))
+    with pytest.raises(Exception, match="incomplete"):
+        ExactStore.open(path)
+    again = build_exact_store(path, model, train, curv, num_draws=4, seed=0, dtype="float64", shard_size=10,
+                              progress=False)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(s) for s in again.shards]), want)
+    with open(path / "shards" / "shard-00002.npy", "r+b") as f:  # truncate a shard
+        f.truncate(1000)
+    with pytest.raises(ExactStoreCorruptError, match="shard-00002"):
+        ExactStore.open(path)
+
+
+def _rotated_basis(curv):
+    n = curv.layer_names[0]
+    q = curv.q_a[n].clone()
+    q[:, [0, 1]] = q[:, [1, 0]]
+    return dataclasses.replace(curv, q_a={**curv.q_a, n: q})
+
+
+# ------------------------------------------------------------------------------------------------ the session
+def test_session_shows_the_approximate_answer_then_the_exact_one(setup):
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    s = AttributionSession(b, threaded=False, full_scores=False, method="ekfac", query_id=int(held.ids[0]), k=4)
+    seen = []
+    s.observe(lambda ch: seen.append(ch["new"]), "result")
+    s.damping = 1e-4
+    assert [r.exact for r in seen] == [False, True]
+    raw, fine = seen
+    assert raw.badge == "approximate (est. recall %.2f)" % raw.est_recall or raw.est_recall is None
+    assert fine.badge == "exact ✓" and fine.exact_over == "all"
+    ref = b.refine(b.prepare(int(held.ids[0]), "loss", "ekfac"), 1e-4, 4)
+    assert [i.id for i in fine.proponents] == list(ref.proponent_ids)
+    assert [i.score for i in fine.opponents] == list(ref.opponent_scores)
+    assert fine.request_id > raw.request_id == seen[0].request_id and s.request_id == fine.request_id
+    # after one refinement the approximate answers carry an estimated recall (overlap seen so far)
+    s.damping = 1e-6
+    assert seen[-2].est_recall is not None and 0.0 <= seen[-2].est_recall <= 1.0
+    assert seen[-2].badge.startswith("approximate (est. recall ")
+    # the explorer's check: the shown (exact) top-k equals the exact one
+    rep = s.check_exact()
+    assert rep["proponents"]["identical"] and rep["opponents"]["overlap"] == 4 and s.check == rep
+
+
+def test_check_reports_the_overlap_of_an_approximate_answer(setup):
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    s = AttributionSession(b, threaded=False, full_scores=False, method="kfac", query_id=int(held.ids[1]), k=6,
+                           refine=False, damping=1e-8)
+    r = s.result
+    assert not r.exact
+    rep = s.check_exact()
+    ex = b.refine(b.prepare(int(held.ids[1]), "loss", "kfac"), 1e-8, 6)
+    for side, ids in (("proponents", ex.proponent_ids), ("opponents", ex.opponent_ids)):
+        shown = [i.id for i in getattr(r, side)]
+        assert rep[side]["overlap"] == len(set(shown) & set(map(int, ids)))
+        assert rep[side]["missing"] == [int(i) for i in ids if int(i) not in shown]
+
+
+def test_session_never_shows_a_refined_answer_for_stale_settings(setup):
+    import threading
+    import time
+
+    from diffinfluence_widgets.session import AttributionSession
+
+    *_, held, _, b = setup
+    gate = threading.Event()
+
+    class SlowRefine:  # the real backend, with a refine that waits until the test lets it finish
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+        def refine(self, prepared, damping, k):
+            gate.wait(10)
+            return b.refine(prepared, damping, k)
+
+    s = AttributionSession(SlowRefine(), threaded=True, full_scores=False, method="ekfac",
+                           query_id=int(held.ids[0]), k=3, damping=1e-2)
+    seen = []
+    s.observe(lambda ch: seen.append(ch["new"]), "result")
+    t0 = time.time()
+    while not s.refining and time.time() - t0 < 30:  # the first refinement is under way (held at the gate)
+        time.sleep(0.01)
+    s.damping = 1e-6  # the user moves on while the λ = 1e-2 answer is being refined
+    gate.set()
+    s.wait(60)
+    shown_after = [r for r in seen if r.finished_at >= 0]
+    assert all(not (r.exact and r.damping == 1e-2) for r in shown_after), "a stale refined answer was shown"
+    assert s.result.exact and s.result.damping == 1e-6
+    assert s.stats["refine_stale"] >= 1
+    s.close()
+
+
+def test_tiny_demo_refined_answers_are_exact(tmp_path, monkeypatch):
+    """The trained tiny demo (its model, curvature, draws): refined = exact full-gradient scores."""
+    import diffinfluence_widgets.influence.gradients as grads
+    from diffinfluence_widgets.demo import build_demo, demo_config
+    from diffinfluence_widgets.index import IndexBackend
+
+    art = build_demo("tiny", tmp_path / "tiny", threads=1, progress=False, until="curvature")
+    cfg = demo_config("tiny")
+    model, train, held, curv = art.model, art.train, art.heldout, art.curvature
+    b = IndexBackend.build(model, train, held, curv, tmp_path / "index", k=cfg.k, num_draws=cfg.store_draws,
+                           query_num_draws=cfg.query_draws, num_generated=0, progress=False,
+                           methods=("ekfac", "kfac"), measurements=["loss", "elbo_simplified"],
+                           query_dtype=torch.float64, exact_dtype="float64")
+    k = 10
+    for measurement, method, qpos in (("loss", "ekfac", 0), ("elbo_simplified", "kfac", 1)):
+        ref = _reference(model, curv, held, train, b, qpos, measurement, method)
+        p = b.prepare(int(held.ids[qpos]), measurement, method)
+        pb = b.prepare(int(held.ids[qpos]), measurement, method, band=b.bands[0])
+        b.refine(p, 3e-3, k)  # the query's first refinement (one pass over the exact store)
+        b.refine(pb, 3e-3, k)
+        calls = []
+        real = grads.per_example_gradients
+        monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        for i, lam in enumerate(DAMPINGS):
+            r = b.refine(p, lam, k)
+            assert not r.stats["streamed"] and r.stats["candidates"] < len(b.train_ids)
+            _check(r, ref[i].matrix[0].numpy(), b.train_ids, k)
+            _check(b.refine(pb, lam, k), ref[i].band_matrix[0, 0].numpy(), b.train_ids, k)
+        assert calls == []
+        monkeypatch.setattr(grads, "per_example_gradients", real)
