@@ -37,7 +37,7 @@ from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.diffusion.sampling import sample
 from diffinfluence_widgets.diffusion.train import TrainConfig
 from diffinfluence_widgets.evaluation.baselines import pixel_similarity
-from diffinfluence_widgets.evaluation.lds import generate_subsets, lds, lds_targets, oracle_lds, predicted_changes
+from diffinfluence_widgets.evaluation.lds import generate_subsets, lds, lds_jobs, lds_targets, oracle_lds, predicted_changes
 from diffinfluence_widgets.evaluation.retrain import RetrainCache, RetrainJob
 from diffinfluence_widgets.influence.curvature import fit_curvature
 from diffinfluence_widgets.influence.gradients import per_example_gradients
@@ -107,13 +107,17 @@ class Experiment:
         base = DiffusionModel.from_config(s.unet_config(), seed=0)
         self.cache = RetrainCache(args.cache, base, self.train, s.train_config())
         job = RetrainJob(tuple(self.train.ids.tolist()), 0, tag="full/seed0")
+        self.subsets = generate_subsets(self.train.ids, s.num_subsets, s.fraction, seed=s.seed)
+        missing = [j.tag for j in [job, *lds_jobs(self.subsets, range(s.num_seeds))] if not self.cache.is_done(j)]
+        if missing and not args.allow_retrain:
+            raise SystemExit(f"{len(missing)} models (e.g. {missing[:2]}) are not in the cache {args.cache} for "
+                             "these settings; this script re-scores an existing cache (--allow-retrain to train)")
         self.cache.run([job], progress=False)
         self.model = self.cache.load(job)
         self.model.unet.eval()
         t0 = time.time()
         gen = sample(self.model, s.num_queries, seed=s.seed + 1000)
         self.q_images, self.q_ids = gen.images.float().clamp(-1, 1), np.arange(s.num_queries, dtype=np.int64)
-        self.subsets = generate_subsets(self.train.ids, s.num_subsets, s.fraction, seed=s.seed)
         self.targets = lds_targets(self.cache, self.subsets, list(range(s.num_seeds)), self.q_images, self.q_ids,
                                    num_draws=s.target_draws, seed=12345, num_workers=1, progress=False)
         self.t_mean = self.targets.mean(2)
@@ -283,6 +287,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stages", default="base,pixel,draws,meas,ensemble,fisher")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--allow-retrain", action="store_true", help="train missing models instead of refusing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ from ..diffusion.model import DiffusionModel
 from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, get_measurement
 from .._io import CorruptArtifactError, atomic_write_json, load_safetensors, save_safetensors
-from ..config import DEFAULT_KFAC_DAMPING, check_damping
+from ..config import DEFAULT_KFAC_DAMPING, DEFAULT_QUERY_DRAWS, DEFAULT_TRAIN_DRAWS, check_damping
 from ..config import relative_damping as relative_damping_rule
 from .artifacts import read_manifest
 from .curvature import Curvature
-from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
+from .gradients import LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
 
@@ -154,6 +154,10 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     λ = rel · τ with τ = :meth:`Curvature.mean_eigenvalue` (:func:`~diffinfluence_widgets.config.relative_damping`),
     which means the same for any model and loss scale. Give at most one of the two.
 
+    Draws: ``num_draws`` (query side) and ``train_num_draws`` default to
+    :data:`~diffinfluence_widgets.config.DEFAULT_QUERY_DRAWS` (512) and ``DEFAULT_TRAIN_DRAWS`` (128): the
+    recommended default, chosen on the digits benchmark (``bench/RESULTS.md``, issue 14).
+
     ``train_gradients``: precomputed training-side gradients (:func:`~.gradients.per_example_gradients` of
     ``train_measurement`` over the training set, in any order); they are used instead of recomputing them, so an
     ablation over curvatures and dampings computes them once. Their ids must be ``train``'s ids (``train`` may then
@@ -179,7 +183,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     if curvature is not None and curvature.model_fingerprint and curvature.model_fingerprint != model.fingerprint():
         raise ValueError(f"curvature was fitted for model {curvature.model_fingerprint}, not for this model "
                          f"({model.fingerprint()})")
-    qg = per_example_gradients(model, query_images, query_ids, meas, num_draws=num_draws, seed=seed,
+    qg = per_example_gradients(model, query_images, query_ids, meas, seed=seed,
+                               num_draws=DEFAULT_QUERY_DRAWS if num_draws is None else num_draws,
                                batch_size=batch_size, max_rows=max_rows, trajectory=trajectory, bands=bands,
                                device=device, dtype=dtype, progress=progress)
     pre_total = preconditioned_query_gradients(curvature, qg, lams)
@@ -193,7 +198,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     elif train is None:
         raise ValueError("compute_scores needs a training set (train=...) or its gradients (train_gradients=...)")
     else:
-        batches = iter_gradients(model, train, measurement=train_measurement, num_draws=train_num_draws,
+        batches = iter_gradients(model, train, measurement=train_measurement,
+                                 num_draws=DEFAULT_TRAIN_DRAWS if train_num_draws is None else train_num_draws,
                                  seed=seed if train_seed is None else train_seed, batch_size=batch_size,
                                  max_rows=max_rows, device=device, dtype=dtype, progress=progress)
     for tg in batches:
@@ -206,8 +212,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     mats = torch.cat(blocks, dim=-1) if blocks else torch.zeros(len(lams), qg.ids.numel(), 0, dtype=torch.float64)
     band_mats = torch.cat(band_blocks, dim=-1) if band_blocks else None
     out = []
-    train_draws = int(train_gradients.meta.get("num_draws", train_num_draws or DEFAULT_GRADIENT_DRAWS)
-                      if train_gradients is not None else train_num_draws or DEFAULT_GRADIENT_DRAWS)
+    train_draws = int(train_gradients.meta.get("num_draws", train_num_draws or DEFAULT_TRAIN_DRAWS)
+                      if train_gradients is not None else train_num_draws or DEFAULT_TRAIN_DRAWS)
     for i, lam in enumerate(lams):
         settings = {"measurement": meas.name, "train_measurement": get_measurement(train_measurement).name,
                     "damping": lam, "relative_damping": None if rels is None else float(rels[i]),
