@@ -37,7 +37,8 @@ from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.diffusion.sampling import sample
 from diffinfluence_widgets.diffusion.train import TrainConfig
 from diffinfluence_widgets.evaluation.baselines import pixel_similarity
-from diffinfluence_widgets.evaluation.lds import generate_subsets, lds, lds_jobs, lds_targets, oracle_lds, predicted_changes
+from diffinfluence_widgets.evaluation.lds import (generate_subsets, lds, lds_jobs, lds_targets, oracle_lds,
+                                                  predicted_changes)
 from diffinfluence_widgets.evaluation.retrain import RetrainCache, RetrainJob
 from diffinfluence_widgets.influence.curvature import fit_curvature
 from diffinfluence_widgets.influence.gradients import per_example_gradients
@@ -277,6 +278,16 @@ class Experiment:
             row["paired_mean"], row["paired_sem"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
             lines.append(f"| {name} | {100 * row['lds']:.1f} ± {100 * row['sem']:.1f} | "
                          f"{100 * d.mean():+.1f} ± {100 * row['paired_sem']:.1f} | {ci} |")
+        pix = "pixel cosine similarity"
+        if pix in self.rows:
+            lines += ["", f"| setting | paired diff vs {pix} (pp) ± s.e. | two-way bootstrap 95 % |", "|---|---|---|"]
+            for name, row in self.rows.items():
+                if row["stage"] in ("draws", "ensemble"):
+                    d = np.asarray(row["per_query"]) - np.asarray(self.rows[pix]["per_query"])
+                    lo, hi = two_way_bootstrap(self.preds[name], self.preds[pix], self.t_mean)
+                    row["vs_pixel"] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), lo, hi]
+                    lines.append(f"| {name} | {100 * d.mean():+.1f} ± {100 * row['vs_pixel'][1]:.1f} | "
+                                 f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
         self.path.write_text(json.dumps(self.rows, indent=1))
         return "\n".join(lines)
 
