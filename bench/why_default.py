@@ -10,12 +10,13 @@ sides, λ = 1e-8, 32 query / 32 training draws, 16 curvature draws), with a two-
 Stages (``--stages``, comma-separated; results are appended to ``--out``/why_default.json, so stages resume):
 
 * ``base``      the default and the damping sweeps, absolute λ and relative λ = rel · τ (τ = mean eigenvalue);
-* ``draws``     query-side draws 32 → 128 / 256 and training-side draws 32 → 128;
+* ``draws``     query-side draws 32 → 128 / 256 and training-side draws 32 → 128 (``draws2``: 512 / 256);
 * ``meas``      query measurement: ELBO*, square norm (training side: loss), and square norm on both sides;
 * ``fisher``    more curvature draws (64, i.e. 4× the MC samples of the one-sample GGN^model) and ``fisher="exact"``;
 * ``ensemble``  scores averaged over independently trained full-data models (seeds 0, 1, 2; the two extra models
                 are trained into the cache with the same recipe — ~30 s each — and nothing else is retrained);
-* ``pixel``     pixel cosine similarity for reference.
+* ``ensemble_draws``  the 3-model ensemble at 512 query / 128 training draws;
+* ``pixel``     pixel cosine similarity for reference; ``report`` only rebuilds the tables.
 
 Run with ``OMP_NUM_THREADS=1``; each stage takes minutes on one thread.
 """
@@ -296,7 +297,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True, help="the --quick benchmark's retraining cache")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--stages", default="base,pixel,draws,meas,ensemble,fisher")
+    ap.add_argument("--stages", default="base,pixel,draws,draws2,meas,ensemble,fisher,ensemble_draws")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allow-retrain", action="store_true", help="train missing models instead of refusing")
     args = ap.parse_args(argv)
