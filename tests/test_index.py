@@ -436,6 +436,24 @@ def test_identity_preconditioner_is_the_plain_gradient_dot_product(tiny_setup):
     assert b.default_damping["identity"] == 1.0
 
 
+def test_backend_relative_damping_uses_each_methods_scale(tiny_setup):
+    from diffinfluence_widgets.influence.trak import TRAKScorer
+
+    b = _backend(tiny_setup, methods=("ekfac", "kfac", "trak"))
+    curv = tiny_setup[3]
+    assert b.damping_scale["ekfac"] == pytest.approx(curv.mean_eigenvalue(), rel=1e-9)
+    kfac_tau = sum(float(np.outer(curv.lambda_b[n], curv.lambda_a[n]).sum()) for n in curv.layer_names) / \
+        curv.num_parameters
+    assert b.damping_scale["kfac"] == pytest.approx(kfac_tau, rel=1e-9)
+    assert b.relative_damping("ekfac", 1e-2) == pytest.approx(1e-2 * curv.mean_eigenvalue(), rel=1e-9)
+    trak = b.preconditioners["trak"].scorer
+    assert b.relative_damping("trak", 0.5) == pytest.approx(trak.default_damping(0.5)) and isinstance(trak, TRAKScorer)
+    with pytest.raises(ValueError, match="relative damping"):
+        b.relative_damping("ekfac", -1.0)
+    with pytest.raises(KeyError, match="dtrak"):
+        b.relative_damping("dtrak", 1e-2)
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -1e-3, float("nan"), float("inf")])
 def test_one_damping_rule_on_every_backend_path(tiny_setup, bad):
     from diffinfluence_widgets.influence.trak import TRAKScorer

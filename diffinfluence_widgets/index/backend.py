@@ -142,6 +142,8 @@ class IndexBackend:
                                         self.switch_damping, query_dtype)
             self.preconditioners[str(m)] = make_preconditioner(ctx)
         self.default_damping = {m: p.default_damping for m, p in self.preconditioners.items()}
+        #: τ per method: λ = rel · τ is the relative damping rule (:meth:`relative_damping`)
+        self.damping_scale = {m: p.damping_scale for m, p in self.preconditioners.items()}
         kind = cfg.index_kind
         if kind == IndexKind.AUTO:
             kind = IndexKind.FLAT if len(self.train_ids) <= cfg.auto_flat_max else IndexKind.IVF
@@ -310,6 +312,13 @@ class IndexBackend:
     def _features(self, p: _Payload, damping: float) -> np.ndarray:
         store, array = self._array(p, damping)
         return self.stores[store].arrays[array]
+
+    def relative_damping(self, method: str, relative: float) -> float:
+        """The absolute λ = ``relative`` · τ of ``method`` (:attr:`damping_scale`: the mean (E)K-FAC eigenvalue, or
+        that of ΦᵀΦ for the TRAK family); the rule of :func:`~diffinfluence_widgets.config.relative_damping`."""
+        if str(method) not in self.preconditioners:
+            raise KeyError(f"method {method!r} is not in this backend (have {list(self.preconditioners)})")
+        return self.preconditioners[str(method)].relative_damping(relative)
 
     def scores(self, prepared, damping: float) -> np.ndarray:
         """Scores of every training example (``[N]`` float64, :attr:`train_ids` order) at damping λ."""

@@ -381,6 +381,11 @@ class Curvature:
             out[n] = Q @ torch.diag(self.eigenvalues[n].reshape(-1)) @ Q.T
         return out
 
+    def mean_eigenvalue(self) -> float:
+        """τ = trace / size of the (E)K-FAC matrix (mean of all its eigenvalues): the scale of a relative λ."""
+        total = sum(float(self.eigenvalues[n].double().sum()) for n in self.layer_names)
+        return total / max(1, self.num_parameters)
+
     @property
     def num_parameters(self) -> int:
         return int(sum(self.eigenvalues[n].numel() for n in self.layer_names))

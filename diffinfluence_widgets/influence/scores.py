@@ -22,10 +22,11 @@ from ..diffusion.model import DiffusionModel
 from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, get_measurement
 from .._io import CorruptArtifactError, atomic_write_json, load_safetensors, save_safetensors
-from ..config import DEFAULT_KFAC_DAMPING, check_damping
+from ..config import DEFAULT_KFAC_DAMPING, DEFAULT_QUERY_DRAWS, DEFAULT_TRAIN_DRAWS, check_damping
+from ..config import relative_damping as relative_damping_rule
 from .artifacts import read_manifest
 from .curvature import Curvature
-from .gradients import DEFAULT_GRADIENT_DRAWS, LayerGradients, iter_gradients, per_example_gradients
+from .gradients import LayerGradients, iter_gradients, per_example_gradients
 
 __all__ = ["Scores", "compute_scores", "preconditioned_query_gradients", "SIGN_CONVENTION"]
 
@@ -135,7 +136,8 @@ def preconditioned_query_gradients(curvature: Curvature | None, grads: LayerGrad
 
 def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_images: torch.Tensor,
                    query_ids: Sequence[int] | torch.Tensor, train, *, measurement: str | Measurement = "loss",
-                   damping: float | Sequence[float] = DEFAULT_KFAC_DAMPING, num_draws: int | None = None,
+                   damping: float | Sequence[float] | None = None,
+                   relative_damping: float | Sequence[float] | None = None, num_draws: int | None = None,
                    train_num_draws: int | None = None, seed: int = 0, train_seed: int | None = None,
                    trajectory: Trajectory | None = None, bands: Sequence[tuple[int, int]] | None = None,
                    train_measurement: str | Measurement = "loss", batch_size: int = 32, max_rows: int = 512,
@@ -148,18 +150,41 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     stays ``"loss"`` for the method; D-TRAK-style variants pass ``"square_norm"``. ``curvature=None`` scores with
     the identity (a plain gradient dot product).
 
+    Damping: ``damping`` is the absolute λ (default: the paper's untuned 1e-8); ``relative_damping`` instead gives
+    λ = rel · τ with τ = :meth:`Curvature.mean_eigenvalue` (:func:`~diffinfluence_widgets.config.relative_damping`),
+    which means the same for any model and loss scale. Give at most one of the two.
+
+    Draws: ``num_draws`` (query side) and ``train_num_draws`` default to
+    :data:`~diffinfluence_widgets.config.DEFAULT_QUERY_DRAWS` (512) and ``DEFAULT_TRAIN_DRAWS`` (128): the
+    recommended default, chosen on the digits benchmark (``bench/RESULTS.md``, issue 14).
+
     ``train_gradients``: precomputed training-side gradients (:func:`~.gradients.per_example_gradients` of
     ``train_measurement`` over the training set, in any order); they are used instead of recomputing them, so an
     ablation over curvatures and dampings computes them once. Their ids must be ``train``'s ids (``train`` may then
     be ``None``; the scores carry no dataset fingerprint in that case).
     """
     meas = get_measurement(measurement)
-    single = isinstance(damping, (int, float))
-    lams = [check_damping(d) for d in ([damping] if single else damping)]
+    tau = None
+    if relative_damping is not None:
+        if damping is not None:
+            raise ValueError(f"give damping={damping!r} or relative_damping={relative_damping!r}, not both")
+        if curvature is None:
+            raise ValueError("relative_damping needs a curvature (its mean eigenvalue is the scale); "
+                             "curvature=None scores with the identity")
+        tau = curvature.mean_eigenvalue()
+        single = isinstance(relative_damping, (int, float))
+        rels = [relative_damping] if single else list(relative_damping)
+        lams = [relative_damping_rule(r, tau) for r in rels]
+    else:
+        damping = DEFAULT_KFAC_DAMPING if damping is None else damping
+        single = isinstance(damping, (int, float))
+        rels = None
+        lams = [check_damping(d) for d in ([damping] if single else damping)]
     if curvature is not None and curvature.model_fingerprint and curvature.model_fingerprint != model.fingerprint():
         raise ValueError(f"curvature was fitted for model {curvature.model_fingerprint}, not for this model "
                          f"({model.fingerprint()})")
-    qg = per_example_gradients(model, query_images, query_ids, meas, num_draws=num_draws, seed=seed,
+    qg = per_example_gradients(model, query_images, query_ids, meas, seed=seed,
+                               num_draws=DEFAULT_QUERY_DRAWS if num_draws is None else num_draws,
                                batch_size=batch_size, max_rows=max_rows, trajectory=trajectory, bands=bands,
                                device=device, dtype=dtype, progress=progress)
     pre_total = preconditioned_query_gradients(curvature, qg, lams)
@@ -173,7 +198,8 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     elif train is None:
         raise ValueError("compute_scores needs a training set (train=...) or its gradients (train_gradients=...)")
     else:
-        batches = iter_gradients(model, train, measurement=train_measurement, num_draws=train_num_draws,
+        batches = iter_gradients(model, train, measurement=train_measurement,
+                                 num_draws=DEFAULT_TRAIN_DRAWS if train_num_draws is None else train_num_draws,
                                  seed=seed if train_seed is None else train_seed, batch_size=batch_size,
                                  max_rows=max_rows, device=device, dtype=dtype, progress=progress)
     for tg in batches:
@@ -186,11 +212,12 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
     mats = torch.cat(blocks, dim=-1) if blocks else torch.zeros(len(lams), qg.ids.numel(), 0, dtype=torch.float64)
     band_mats = torch.cat(band_blocks, dim=-1) if band_blocks else None
     out = []
-    train_draws = int(train_gradients.meta.get("num_draws", train_num_draws or DEFAULT_GRADIENT_DRAWS)
-                      if train_gradients is not None else train_num_draws or DEFAULT_GRADIENT_DRAWS)
+    train_draws = int(train_gradients.meta.get("num_draws", train_num_draws or DEFAULT_TRAIN_DRAWS)
+                      if train_gradients is not None else train_num_draws or DEFAULT_TRAIN_DRAWS)
     for i, lam in enumerate(lams):
         settings = {"measurement": meas.name, "train_measurement": get_measurement(train_measurement).name,
-                    "damping": lam, "num_draws": qg.meta["num_draws"],
+                    "damping": lam, "relative_damping": None if rels is None else float(rels[i]),
+                    "curvature_scale": tau, "num_draws": qg.meta["num_draws"],
                     "train_num_draws": train_draws, "seed": int(seed),
                     "train_seed": int(seed if train_seed is None else train_seed),
                     "curvature": dict(curvature.settings) if curvature is not None else {"method": "identity"}}

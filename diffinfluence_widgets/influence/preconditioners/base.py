@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ...config import Method, StoreSpace, check_damping
+from ...config import Method, StoreSpace, check_damping, relative_damping
 
 __all__ = ["Preconditioner", "PreconditionerBase", "PreconditionerContext"]
 
@@ -55,6 +55,8 @@ class Preconditioner(Protocol):
     store: str
     #: λ used when the user has not chosen one (not comparable across families)
     default_damping: float
+    #: the curvature's scale τ (mean eigenvalue of the (E)K-FAC matrix or of ΦᵀΦ); λ = rel · τ is the relative rule
+    damping_scale: float
     #: True when :meth:`exact_scores` is defined (rescoring with full training gradients)
     exact: bool
 
@@ -77,6 +79,7 @@ class PreconditionerBase:
     method: str = ""
     store: str = "loss"
     default_damping: float = 1.0
+    damping_scale: float = 1.0
     exact: bool = False
     #: key under which the backend caches :meth:`train_side` vectors (shared by methods with the same train side)
     train_key: str = ""
@@ -86,6 +89,11 @@ class PreconditionerBase:
 
     def array(self, damping: float) -> str:
         return "features"
+
+    def relative_damping(self, relative: float) -> float:
+        """The absolute λ = ``relative`` · :attr:`damping_scale` (the rule of
+        :func:`~diffinfluence_widgets.config.relative_damping`)."""
+        return relative_damping(relative, self.damping_scale)
 
     def feature(self, rotated: Any, damping: float, all_rows: bool = False) -> np.ndarray:
         return self._feature(rotated, check_damping(damping), all_rows)

@@ -49,6 +49,9 @@ class KFACQuery:
             raise ValueError(f"eigenvalues must be 'ekfac' or 'kfac', got {eigenvalues!r}")
         # a fresh tensor per layer: the curvature's eigenvalues are never modified (method trap 8)
         self.lam = {n: lam[n].to(self.device, dtype).clone() for n in self.names}
+        #: τ, the mean of these eigenvalues (the scale of a relative damping)
+        self.tau = float(sum(float(v.double().sum()) for v in self.lam.values())
+                         / max(1, sum(v.numel() for v in self.lam.values())))
         if self.space == StoreSpace.EIGEN:
             if whiten_damping is None:
                 raise ValueError("an 'eigen' store needs its whiten_damping")
@@ -109,6 +112,7 @@ class KFACPreconditioner(PreconditionerBase):
         self.space = ctx.space
         self.engine = KFACQuery(ctx.curvature, ctx.projector, space=ctx.space, whiten_damping=ctx.whiten_damping,
                                 eigenvalues=ctx.method, dtype=ctx.query_dtype)
+        self.damping_scale = self.engine.tau
         # large-λ route of an eigen store: the plain parameter-space array
         self.switch_damping = ctx.switch_damping if ctx.space == StoreSpace.EIGEN else None
         self.param_engine = None if self.switch_damping is None else KFACQuery(

@@ -23,6 +23,7 @@ class TRAKPreconditioner(PreconditionerBase):
         self.projector = ctx.projector
         self.scorer = TRAKScorer.from_store(ctx.store(self.store), "features")
         self.default_damping = self.scorer.default_damping()
+        self.damping_scale = self.scorer.default_damping(1.0)
 
     def query_measurement(self, measurement: str) -> str:
         if self.method == Method.JOURNEY_TRAK and not measurement.startswith(Method.JOURNEY_TRAK.value):
