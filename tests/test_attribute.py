@@ -52,7 +52,7 @@ def test_every_method_equals_the_low_level_path(setup):
             curv = fit_curvature(model, train, method=spec.curvature, kfac_approx=spec.kfac_approx,
                                  fisher=spec.fisher, num_draws=S.curvature_draws, seed=S.curvature_seed,
                                  progress=False)
-            tau = float(np.mean([curv.eigenvalues[n].mean().item() for n in curv.layer_names]))
+            tau = curv.mean_eigenvalue()
             ref = compute_scores(model, curv, q, qids, train, measurement=spec.measurement, damping=[l * tau for l in lams],
                                  num_draws=S.grad_draws, train_num_draws=S.grad_draws, seed=S.query_seed,
                                  train_seed=S.train_seed, batch_size=4, progress=False)

@@ -7,8 +7,8 @@ caches it): per-example training gradients per training measurement, query gradi
 curvature, the random projection and TRAK's eigendecomposition. A new λ is then an elementwise division.
 
 **Damping, stated one way for every method.** By default (``damping="relative"``) a λ is a multiple of the
-method's curvature scale τ: for the K-FAC family τ is the mean eigenvalue of the (E)K-FAC curvature (averaged over
-layers), for the TRAK family the mean eigenvalue of ΦᵀΦ. ``damping="absolute"`` takes λ as is (the paper's
+method's curvature scale τ: for the K-FAC family τ is the mean eigenvalue of the (E)K-FAC curvature (trace / size,
+``Curvature.mean_eigenvalue()``, the same τ as ``compute_scores(relative_damping=...)``), for the TRAK family the mean eigenvalue of ΦᵀΦ. ``damping="absolute"`` takes λ as is (the paper's
 ``λ = 1e-8`` of the K-FAC family is absolute). :attr:`Attribution.absolute` records the absolute λ of every entry
 and :attr:`Attribution.scale` the τ used. λ values of the two families are not comparable in absolute terms.
 
@@ -257,7 +257,7 @@ class Attributor:
 
     def _kfac(self, spec: MethodSpec, lams: list[float], mode: str):
         curv = self.curvature(spec)
-        tau = float(np.mean([curv.eigenvalues[n].mean().item() for n in curv.layer_names]))
+        tau = curv.mean_eigenvalue()
         q = self.gradients("query", spec.measurement)
         train_flat = self._train_flat(spec.train_measurement)
         names = curv.layer_names
