@@ -22,7 +22,7 @@ __all__ = ["RefiningMixin"]
 
 class RefiningMixin:
     """Two-stage answers for :class:`~diffinfluence_widgets.session.AttributionSession` (needs its ``backend``,
-    ``_worker``, ``_lock``, ``stats``, ``settings``, ``prepared``, ``_need_result`` and the ``result``,
+    ``_worker``, ``_lock``, ``stats``, ``settings``, ``prepared``, ``current_result`` and the ``result``,
     ``request_id``, ``refining``, ``check`` and ``error`` traits)."""
 
     def _est_recall(self, method: str) -> float | None:
@@ -55,7 +55,7 @@ class RefiningMixin:
     def check_exact(self) -> dict[str, Any]:
         """Check the shown top-k against the method's exact top-k at the same settings (blocking): the overlap per
         side. Also sets :attr:`check`."""
-        r = self._need_result()
+        r = self.current_result()
         ex = self.compute_refined(query_id=r.query_id, measurement=r.measurement, method=r.method, band=r.band,
                                   damping=r.damping, k=r.k)
         out: dict[str, Any] = {"settings": r.settings, "shown_exact": r.exact, "exact_over": ex.exact_over,

@@ -95,7 +95,7 @@ def test_voila_renders_and_damping_reorders_as_backend_says(page, voila, browser
     dom = H.gallery_dom(page)
     assert len(dom["proponents"]) == PAGE_SIZE and len(dom["opponents"]) == PAGE_SIZE
     assert all(t["w"] == 64 for t in dom["proponents"] + dom["opponents"])  # PNGs decoded from binary buffers
-    assert "Positive score" in dom["sign"] and "opponent" in dom["sign"]
+    assert "Positive score" in dom["sign"] and "Negative score" in dom["sign"]  # the sign, read once in words
     assert dom["proponents"][0]["label"].startswith("Proponent 1: training image")
     H.check_gallery_matches_backend(page, backend, PAGE_SIZE)
     H.screenshot(page, "voila-01-initial")
