@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write_bytes, atomic_write_text, sha256_file as _sha256_file
 from ..influence.gradients import per_example_gradients
+from .manifest import StoreCorruptError, StoreError, StoreMismatchError, read_finished_manifest
 
 __all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
            "build_exact_store", "curvature_basis_fingerprint", "EXACT_STORE_FORMAT"]
@@ -49,15 +50,15 @@ EXACT_STORE_VERSION = 1
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-class ExactStoreError(RuntimeError):
+class ExactStoreError(StoreError):
     """Something is wrong with an exact store."""
 
 
-class ExactStoreCorruptError(ExactStoreError):
+class ExactStoreCorruptError(ExactStoreError, StoreCorruptError):
     """A shard or the manifest is missing, truncated or fails its checksum."""
 
 
-class ExactStoreMismatchError(ExactStoreError):
+class ExactStoreMismatchError(ExactStoreError, StoreMismatchError):
     """The store was built for another model, dataset, curvature or setting."""
 
 
@@ -175,19 +176,8 @@ class ExactStore:
         """Open a finished store; refuse it when built for another model / dataset / curvature / setting, or when a
         shard is missing or truncated (``verify=True`` also checks every shard's SHA-256)."""
         root = Path(path)
-        mf = root / "manifest.json"
-        if not mf.is_file():
-            raise ExactStoreError(f"no exact store at {root} (manifest.json missing); build it with "
-                                  "build_exact_store(...)")
-        try:
-            man = json.loads(mf.read_text())
-        except ValueError as e:
-            raise ExactStoreCorruptError(f"{mf} is not valid JSON ({e}); rebuild the exact store") from None
-        if man.get("format") != EXACT_STORE_FORMAT:
-            raise ExactStoreError(f"{mf} is not a {EXACT_STORE_FORMAT} manifest")
-        if not man.get("complete"):
-            raise ExactStoreError(f"exact store {root} is incomplete (its build was interrupted); run the build "
-                                  "again to resume it")
+        man = read_finished_manifest(root, EXACT_STORE_FORMAT, "exact store", "build_exact_store(...)",
+                                     ExactStoreError, ExactStoreCorruptError)
         st = man["settings"]
         checks = {}
         if model is not None:

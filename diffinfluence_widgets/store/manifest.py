@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -31,6 +32,24 @@ class StoreCorruptError(StoreError, CorruptArtifactError):
 
 class StoreMismatchError(StoreError):
     """The store was built for another model, dataset or setting."""
+
+
+def read_finished_manifest(root: Path, fmt: str, name: str, hint: str, error: type = StoreError,
+                           corrupt: type = StoreCorruptError) -> dict:
+    """The manifest of the finished store at ``root`` (format ``fmt``), or ``error`` / ``corrupt`` naming the file and
+    what to do: ``name`` says what kind of store it is, ``hint`` how to build one."""
+    mf = root / "manifest.json"
+    if not mf.is_file():
+        raise error(f"no {name} at {root} (manifest.json missing); build it with {hint}")
+    try:
+        man = json.loads(mf.read_text())
+    except ValueError as e:
+        raise corrupt(f"{mf} is not valid JSON ({e}); rebuild the {name}") from None
+    if man.get("format") != fmt:
+        raise error(f"{mf} is not a {fmt} manifest")
+    if not man.get("complete"):
+        raise error(f"{name} {root} is incomplete (its build was interrupted); run the build again to resume it")
+    return man
 
 
 def _json_bytes(obj) -> bytes:

@@ -20,7 +20,7 @@ from .._io import atomic_write_bytes as _atomic_write_bytes, remove_stale_tempor
 from ..influence.projection import projector_from_spec
 from .manifest import (STORE_FORMAT, STORE_VERSION, StoreCorruptError, StoreError, StoreMismatchError, _barrier,
                        _canonical, _diff_settings, _ids_digest, _json_bytes, _settings_digest, _sha256_file,
-                       _shard_name)
+                       _shard_name, read_finished_manifest)
 
 __all__ = ["build_store", "ProjectedStore"]
 
@@ -229,19 +229,7 @@ class ProjectedStore:
         ``verify`` checks every shard's SHA-256 (sizes are always checked).
         """
         root = Path(path)
-        mf = root / "manifest.json"
-        if not mf.is_file():
-            raise StoreError(f"no projected-gradient store at {root} (manifest.json missing); build it with "
-                             "build_gradient_store(...)")
-        try:
-            man = json.loads(mf.read_text())
-        except ValueError as e:
-            raise StoreCorruptError(f"{mf} is not valid JSON ({e})") from None
-        if man.get("format") != STORE_FORMAT:
-            raise StoreError(f"{mf} is not a {STORE_FORMAT} manifest")
-        if not man.get("complete"):
-            raise StoreError(f"store {root} is incomplete (its build was interrupted); run the build again "
-                             "with resume=True to finish it")
+        man = read_finished_manifest(root, STORE_FORMAT, "projected-gradient store", "build_gradient_store(...)")
         st = man["settings"]
         if model is not None:
             fp = model.fingerprint() if hasattr(model, "fingerprint") else str(model)
