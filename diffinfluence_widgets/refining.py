@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .backend import SearchResult
-from .results import Influence, InfluenceResult
+from .results import InfluenceResult, result_from_search
 
 __all__ = ["RefiningMixin"]
 
@@ -42,15 +42,7 @@ class RefiningMixin:
         p = self.prepared(s["query_id"], s["measurement"], s["method"], s["band"])
         self.stats["refine_calls"] += 1
         r: SearchResult = self.backend.refine(p, float(s["damping"]), int(s["k"]))
-        pro = [Influence(int(i), float(v), n + 1, "proponent")
-               for n, (i, v) in enumerate(zip(np.asarray(r.proponent_ids), np.asarray(r.proponent_scores)))]
-        opp = [Influence(int(i), float(v), n + 1, "opponent")
-               for n, (i, v) in enumerate(zip(np.asarray(r.opponent_ids), np.asarray(r.opponent_scores)))]
-        return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
-                               method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
-                               proponents=pro, opponents=opp, exact=bool(r.exact),
-                               exact_over=str(getattr(r, "exact_over", "")),
-                               elapsed_s=time.perf_counter() - t0, train_ids=np.asarray(self.backend.train_ids))
+        return result_from_search(r, s, request_id, time.perf_counter() - t0, self.backend.train_ids)
 
     def check_exact(self) -> dict[str, Any]:
         """Check the shown top-k against the method's exact top-k at the same settings (blocking): the overlap per

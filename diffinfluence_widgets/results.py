@@ -165,3 +165,17 @@ def sweep_ranks(scores_at, reference: float, dampings, k: int, train_ids: np.nda
         rho[n] = float(stats.spearmanr(s, s_ref).statistic)
     return SweepResult(dampings=dampings, reference_damping=reference, ids=np.asarray(train_ids)[top], ranks=ranks,
                        overlap=overlap, spearman=rho)
+
+
+def result_from_search(r, s: dict, request_id: int, elapsed_s: float, train_ids, **extra) -> InfluenceResult:
+    """An :class:`InfluenceResult` from a backend ``SearchResult`` ``r`` answered at the settings ``s``."""
+    def side(ids, scores, role):
+        return [Influence(int(i), float(v), n + 1, role) for n, (i, v) in enumerate(zip(np.asarray(ids),
+                                                                                       np.asarray(scores)))]
+
+    return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
+                           method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
+                           proponents=side(r.proponent_ids, r.proponent_scores, "proponent"),
+                           opponents=side(r.opponent_ids, r.opponent_scores, "opponent"), exact=bool(r.exact),
+                           exact_over=str(getattr(r, "exact_over", "")), elapsed_s=elapsed_s,
+                           train_ids=np.asarray(train_ids), **extra)

@@ -34,7 +34,8 @@ from .config import check_damping
 from .data.images import to_png
 from .report import html_card, png_card
 from .refining import RefiningMixin
-from .results import CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement, sweep_ranks
+from .results import (CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement, result_from_search,
+                      sweep_ranks)
 
 __all__ = ["AttributionSession", "InfluenceResult", "Influence", "CompareResult", "SweepResult",
            "rank_agreement", "SIGN_CONVENTION"]
@@ -267,17 +268,8 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         all_scores = None
         if self.full_scores:
             all_scores = np.asarray(self.backend.scores(p, float(s["damping"])), dtype=np.float64)
-        pro = [Influence(int(i), float(v), n + 1, "proponent")
-               for n, (i, v) in enumerate(zip(np.asarray(r.proponent_ids), np.asarray(r.proponent_scores)))]
-        opp = [Influence(int(i), float(v), n + 1, "opponent")
-               for n, (i, v) in enumerate(zip(np.asarray(r.opponent_ids), np.asarray(r.opponent_scores)))]
-        return InfluenceResult(request_id=request_id, query_id=s["query_id"], measurement=s["measurement"],
-                               method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
-                               proponents=pro, opponents=opp, exact=bool(r.exact),
-                               exact_over=str(getattr(r, "exact_over", "")),
-                               est_recall=None if r.exact else self._est_recall(s["method"]),
-                               elapsed_s=time.perf_counter() - t0, all_scores=all_scores,
-                               train_ids=np.asarray(self.backend.train_ids))
+        return result_from_search(r, s, request_id, time.perf_counter() - t0, self.backend.train_ids,
+                                  est_recall=None if r.exact else self._est_recall(s["method"]), all_scores=all_scores)
 
     def refresh(self) -> int:
         """Schedule the result for the current settings; returns its request id."""
