@@ -99,6 +99,22 @@ def _as_ids(ids, n: int) -> torch.Tensor:
     return t
 
 
+def _prepare_run(model: DiffusionModel, batch_size: int, max_rows: int, num_draws: int | None, device,
+                 dtype: torch.dtype | None) -> tuple[int, torch.device, torch.dtype]:
+    """Check the batch sizes and draw count, move ``model`` to its device and dtype; returns ``(S, device, dtype)``."""
+    if int(batch_size) < 1 or int(max_rows) < 1:
+        raise ValueError(f"batch_size and max_rows must be positive, got {batch_size!r}, {max_rows!r}")
+    S = DEFAULT_GRADIENT_DRAWS if num_draws is None else int(num_draws)
+    if S < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    dev = resolve_device(device) if device is not None else model.device
+    model.to(dev)
+    dt = dtype or model.dtype
+    if dt != model.dtype:
+        model.to(dtype=dt)
+    return S, dev, dt
+
+
 def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequence[int] | torch.Tensor,
                           measurement: str | Measurement = "loss", *, num_draws: int | None = None, seed: int = 0,
                           batch_size: int = 32, max_rows: int = 512, trajectory: Trajectory | None = None,
@@ -129,16 +145,7 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
         raise ValueError(f"measurement {meas.name!r} needs the query's sampling trajectory (trajectory=...)")
     if bands is not None and not meas.averages_over_timesteps:
         raise ValueError(f"measurement {meas.name!r} does not average over timesteps; bands are not defined for it")
-    if int(batch_size) < 1 or int(max_rows) < 1:
-        raise ValueError(f"batch_size and max_rows must be positive, got {batch_size!r}, {max_rows!r}")
-    S = DEFAULT_GRADIENT_DRAWS if num_draws is None else int(num_draws)
-    if S < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
-    dev = resolve_device(device) if device is not None else model.device
-    model.to(dev)
-    dt = dtype or model.dtype
-    if dt != model.dtype:
-        model.to(dtype=dt)
+    S, dev, dt = _prepare_run(model, batch_size, max_rows, num_draws, device, dtype)
     layers = tracked_layers(model.unet)
     band_list = [tuple(map(int, b)) for b in bands] if bands is not None else None
     parts: list[LayerGradients] = []

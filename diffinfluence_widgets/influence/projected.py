@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion.model import DiffusionModel, resolve_device
+from ..diffusion.model import DiffusionModel
 from ..measurements import Measurement, get_measurement
 from .capture import CallRecord, LayerCapture, frozen_eval, layer_shape, tracked_layers
-from .gradients import DEFAULT_GRADIENT_DRAWS, _as_ids
+from .gradients import _as_ids, _prepare_run
 from .projection import KroneckerProjector
 
 __all__ = ["projected_gradients", "project_call", "whitened_layer_feature"]
@@ -113,16 +113,7 @@ def projected_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequen
         raise ValueError(f"measurement {meas.name!r} needs a trajectory; use per_example_gradients for queries")
     model.check_images(images)
     ids_t = _as_ids(ids, images.shape[0])
-    if int(batch_size) < 1 or int(max_rows) < 1:
-        raise ValueError(f"batch_size and max_rows must be positive, got {batch_size!r}, {max_rows!r}")
-    S = DEFAULT_GRADIENT_DRAWS if num_draws is None else int(num_draws)
-    if S < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
-    dev = resolve_device(device) if device is not None else model.device
-    model.to(dev)
-    dt = dtype or model.dtype
-    if dt != model.dtype:
-        model.to(dtype=dt)
+    S, dev, dt = _prepare_run(model, batch_size, max_rows, num_draws, device, dtype)
     fdt = torch.float64 if dt == torch.float64 else torch.float32
     tracked = tracked_layers(model.unet)
     missing = [n for n in projector.layer_shapes if n not in tracked]
