@@ -25,8 +25,8 @@ except ImportError:  # Python 3.10: the same behaviour for our purposes
             return str(self.value)
 
 __all__ = ["StrEnum", "Method", "Approximation", "Fisher", "StoreSpace", "IndexKind", "choice", "check_damping",
-           "relative_damping", "DEFAULT_KFAC_DAMPING", "DEFAULT_QUERY_DRAWS", "DEFAULT_TRAIN_DRAWS", "DEFAULT_METHODS", "KFAC_METHODS", "TRAK_METHODS",
-           "StoreConfig", "IndexConfig"]
+           "relative_damping", "DEFAULT_KFAC_DAMPING", "DEFAULT_QUERY_DRAWS", "DEFAULT_TRAIN_DRAWS", "DEFAULT_METHODS",
+           "KFAC_METHODS", "TRAK_METHODS", "StoreConfig", "IndexConfig"]
 
 
 class Method(StrEnum):
