@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write_bytes, atomic_write_text, sha256_file as _sha256_file
 from ..influence.gradients import per_example_gradients
-from .manifest import StoreCorruptError, StoreError, StoreMismatchError, read_finished_manifest
+from .manifest import StoreCorruptError, StoreError, StoreMismatchError, read_finished_manifest, shard_done
 
 __all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
            "build_exact_store", "curvature_basis_fingerprint", "EXACT_STORE_FORMAT"]
@@ -327,17 +327,5 @@ def build_exact_store(path: str | Path, model, dataset, curvature, *, num_draws:
 
 
 def _shard_done(root: Path, s: int, digest: str) -> bool:
-    side = root / "shards" / f"{_shard(s)}.json"
-    data = root / "shards" / f"{_shard(s)}.npy"
-    if not (side.is_file() and data.is_file()):
-        return False
-    try:
-        meta = json.loads(side.read_text())
-    except ValueError:
-        return False
-    if meta.get("settings_sha256") != digest:
-        return False
-    if data.stat().st_size != meta.get("bytes") or _sha256_file(data) != meta.get("sha256"):
-        warnings.warn(f"shard {data} is truncated or corrupt; recomputing it", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    return shard_done(root / "shards" / f"{_shard(s)}.json", root / "shards" / f"{_shard(s)}.npy", digest,
+                      stacklevel=4)

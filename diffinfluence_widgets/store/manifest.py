@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
-from .._io import CorruptArtifactError, sha256_file as _sha256_file  # noqa: F401  (re-exported to .shards)
+from .._io import CorruptArtifactError, sha256_file as _sha256_file
 
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "StoreError", "StoreCorruptError", "StoreMismatchError"]
 
@@ -50,6 +51,23 @@ def read_finished_manifest(root: Path, fmt: str, name: str, hint: str, error: ty
     if not man.get("complete"):
         raise error(f"{name} {root} is incomplete (its build was interrupted); run the build again to resume it")
     return man
+
+
+def shard_done(side: Path, data: Path, digest: str, stacklevel: int = 3) -> bool:
+    """Whether a shard (``data``, described by its side file ``side``) is finished for the settings ``digest`` and
+    intact (size and SHA-256); a truncated or corrupt one is reported and counted as not done, so it is recomputed."""
+    if not (side.is_file() and data.is_file()):
+        return False
+    try:
+        meta = json.loads(side.read_text())
+    except ValueError:
+        return False
+    if meta.get("settings_sha256") != digest:
+        return False
+    if data.stat().st_size != meta.get("bytes") or _sha256_file(data) != meta.get("sha256"):
+        warnings.warn(f"shard {data} is truncated or corrupt; recomputing it", RuntimeWarning, stacklevel=stacklevel)
+        return False
+    return True
 
 
 def _json_bytes(obj) -> bytes:

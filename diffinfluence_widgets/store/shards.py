@@ -20,7 +20,7 @@ from .._io import atomic_write_bytes as _atomic_write_bytes, remove_stale_tempor
 from ..influence.projection import projector_from_spec
 from .manifest import (STORE_FORMAT, STORE_VERSION, StoreCorruptError, StoreError, StoreMismatchError, _barrier,
                        _canonical, _diff_settings, _ids_digest, _json_bytes, _settings_digest, _sha256_file,
-                       _shard_name, read_finished_manifest)
+                       _shard_name, read_finished_manifest, shard_done)
 
 __all__ = ["build_store", "ProjectedStore"]
 
@@ -129,20 +129,8 @@ def build_store(path: str | Path, ids: Sequence[int] | np.ndarray | torch.Tensor
 
 
 def _shard_done(root: Path, s: int, head: Mapping) -> bool:
-    side = root / "shards" / f"{_shard_name(s)}.json"
-    data = root / "shards" / f"{_shard_name(s)}.npz"
-    if not (side.is_file() and data.is_file()):
-        return False
-    try:
-        meta = json.loads(side.read_text())
-    except ValueError:
-        return False
-    if meta.get("settings_sha256") != _settings_digest(head):
-        return False
-    if data.stat().st_size != meta.get("bytes") or _sha256_file(data) != meta.get("sha256"):
-        warnings.warn(f"shard {data} is truncated or corrupt; recomputing it", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    base = root / "shards" / _shard_name(s)
+    return shard_done(base.with_suffix(".json"), base.with_suffix(".npz"), _settings_digest(head), stacklevel=4)
 
 
 def _write_shard(root: Path, s: int, lo: int, hi: int, ids: np.ndarray, arrays: Mapping[str, torch.Tensor],
