@@ -19,6 +19,14 @@ rescored exactly (their rows read from the store, kept in an LRU cache). So a ne
 few rows, never a gradient and not a pass over the store; a new query costs one pass (which also gives the exact
 scores of every example at the current λ). If the bounds leave too many candidates, the store is streamed
 instead, which is exact too. Eigenvalues more than ``decades`` below the largest share the bottom bin.
+
+**The pass (one thread).** The store is read in chunks of rows into one reused float32 buffer (read, not mapped:
+the process does not grow by the store's size). Each chunk is taken ``block`` columns at a time, converted to
+float64 and transposed (``[block, rows]``, in cache), and the bin sums are sparse products: a ``[2B, block]`` CSR
+matrix holding ``u_i`` and ``u_i (Λ_i − c_b)`` in row ``b(i)`` gives ``P0`` and ``P1`` in one product, and the same
+pattern with ``|u_i|`` times the absolute block gives ``A``. The sparsity pattern (one entry per column) is fixed
+per scorer, so any column order works — EK-FAC and K-FAC bin the same store differently. All sums are float64; the
+error bound carries their rounding (``γ_n`` of the largest bin, relative to ``A``).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
+import scipy.sparse as sparse
 import torch
 
 from ..store.exact import ExactStore
@@ -55,9 +64,9 @@ class ExactQuery:
     """One query's rotated gradient ``u`` (``[P]`` float64) and, once computed, its damping profile."""
 
     u: torch.Tensor
-    profile_p: torch.Tensor | None = None  # [N, B] float64
-    profile_1: torch.Tensor | None = None  # [N, B] float64: Σ_{i∈b} u_i r_ji (Λ_i − c_b), the first-order term
-    profile_a: torch.Tensor | None = None  # [N, B] float64
+    profile_p: np.ndarray | None = None  # [B, N] float64: Σ_{i∈b} u_i r_ji
+    profile_1: np.ndarray | None = None  # [B, N] float64: Σ_{i∈b} u_i r_ji (Λ_i − c_b), the first-order term
+    profile_a: np.ndarray | None = None  # [B, N] float64: Σ_{i∈b} |u_i r_ji|
     passes: int = 0  # streamed passes over the store spent on this query
 
 
@@ -90,12 +99,14 @@ class ExactScorer:
     decades:
         Eigenvalues more than this many decades below the largest share the bottom bin.
     chunk_bytes, row_cache_bytes:
-        Rows streamed at a time; memory for candidate rows kept between λ changes.
+        Rows streamed at a time (one reused buffer); memory for candidate rows kept between λ changes.
+    block:
+        Columns converted to float64 at a time during a pass (``block × rows × 8`` bytes: keep it in cache).
     """
 
     def __init__(self, store: ExactStore, curvature, *, eigenvalues: str = "ekfac", num_bins: int = 1024,
-                 decades: float = 20.0, chunk_bytes: int = 64 << 20, row_cache_bytes: int = 256 << 20,
-                 max_candidate_share: float = 0.25):
+                 decades: float = 20.0, chunk_bytes: int = 32 << 20, row_cache_bytes: int = 256 << 20,
+                 max_candidate_share: float = 0.25, block: int = 16384):
         if list(store.layer_names) != list(curvature.layer_names):
             raise ValueError("the exact store and the curvature have different layers")
         if int(num_bins) < 2:
@@ -117,9 +128,23 @@ class ExactScorer:
         np.minimum.at(self.bin_lo, self._bin, self.lam)
         np.maximum.at(self.bin_hi, self._bin, self.lam)
         self.bin_mid = 0.5 * (self.bin_lo + self.bin_hi)
-        self._bin_t = torch.from_numpy(self._bin.astype(np.int64))
         self._lam_t = torch.from_numpy(self.lam)
-        self._dev_t = torch.from_numpy(self.lam - self.bin_mid[self._bin])  # Λ_i − c_b: the first-order term
+        self._dev = self.lam - self.bin_mid[self._bin]  # Λ_i − c_b: the first-order term
+        # float64 rounding of a bin sum of n products: ≤ γ_{n+2} Σ|terms| (γ_m = m ε / (1 − m ε), ε = 2⁻⁵³); the
+        # first-order term adds at most as much again, and A itself is computed with relative error ≤ γ
+        nmax = int(np.bincount(self._bin).max()) + 2
+        gamma = nmax * 2.0 ** -53 / (1 - nmax * 2.0 ** -53)
+        self._rounding = 4.0 * gamma
+        # per column block: the CSR pattern that sums a block's columns into their bins (one entry per column)
+        self.block = max(1, int(block))
+        self._blocks = []
+        P = len(self.lam)
+        for a in range(0, P, self.block):
+            b = min(P, a + self.block)
+            order = np.argsort(self._bin[a:b], kind="stable").astype(np.int32)
+            indptr = np.zeros(nb + 1, dtype=np.int32)
+            indptr[1:] = np.cumsum(np.bincount(self._bin[a:b], minlength=nb))
+            self._blocks.append((a, b, order, indptr))
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self.counters = {"streamed_passes": 0, "rows_read": 0}
         self._lock = threading.RLock()  # the row cache and a query's profile are shared by the session's threads
@@ -153,29 +178,52 @@ class ExactScorer:
     def scores(self, q: ExactQuery, damping: float) -> np.ndarray:
         """``[N]`` float64 exact scores of every training example (one streamed pass; builds the profile too when
         it is missing, in the same pass)."""
-        lam = self._check(damping)
-        v = q.u * self._weights(lam)
+        return self._pass(q, self._check(damping))
+
+    def profile(self, q: ExactQuery) -> None:
+        """Build the query's damping profile (one streamed pass) unless it exists."""
+        if q.profile_p is None:
+            self._pass(q, None)
+
+    def _pass(self, q: ExactQuery, lam: float | None) -> np.ndarray | None:
+        """One pass over the store: the exact scores at ``lam`` (when given) and the profile (when missing)."""
         want_profile = q.profile_p is None
+        if not want_profile and lam is None:
+            return None
         n, nb = len(self.store), self.num_bins
-        out = np.empty(n)
+        u = q.u.numpy()
+        v = u / (self.lam + lam) if lam is not None else None
+        mats = []
+        for a, b, order, indptr in self._blocks:
+            w = b - a
+            m = m_abs = None
+            if want_profile:
+                ub = u[a:b][order]
+                data = np.concatenate([ub, ub * self._dev[a:b][order]])
+                m = sparse.csr_matrix((data, np.concatenate([order, order]),
+                                       np.concatenate([indptr, indptr[1:] + indptr[-1]])), shape=(2 * nb, w))
+                m_abs = sparse.csr_matrix((np.abs(ub), order, indptr), shape=(nb, w))
+            mats.append((a, b, m, m_abs))
+        out = np.zeros(n) if lam is not None else None
         if want_profile:
-            pp, p1, pa = (torch.zeros(n, nb, dtype=torch.float64) for _ in range(3))
-        x = y = None
+            prof = np.zeros((2 * nb, n))
+            pa = np.zeros((nb, n))
+        y = None
         for lo, block in self.store.chunks(self.chunk_bytes):
             rows = block.shape[0]
-            if x is None or x.shape[0] != rows:  # buffers reused across chunks (no page faults per chunk)
-                x, y = (torch.empty(rows, block.shape[1], dtype=torch.float64) for _ in range(2))
-            np.copyto(x.numpy(), block, casting="same_kind")  # a converted copy: the memmap stays read-only
             hi = lo + rows
-            out[lo:hi] = (x @ v).numpy()
-            if want_profile:
-                x.mul_(q.u)  # u_i r_ji
-                pp[lo:hi].index_add_(1, self._bin_t, x)
-                torch.mul(x, self._dev_t, out=y)
-                p1[lo:hi].index_add_(1, self._bin_t, y)
-                pa[lo:hi].index_add_(1, self._bin_t, x.abs_())
+            if y is None or y.shape[1] < rows:
+                y = np.empty((self.block, rows))  # reused: [block, rows] float64 stays in cache
+            for a, b, m, m_abs in mats:
+                yb = y[:b - a, :rows]
+                np.copyto(yb, block[:, a:b].T)  # float32 → float64 (exact), transposed
+                if lam is not None:
+                    out[lo:hi] += v[a:b] @ yb
+                if want_profile:
+                    prof[:, lo:hi] += m @ yb
+                    pa[:, lo:hi] += m_abs @ np.abs(yb, out=yb)
         if want_profile:
-            q.profile_p, q.profile_1, q.profile_a = pp, p1, pa
+            q.profile_p, q.profile_1, q.profile_a = prof[:nb], prof[nb:], pa
         q.passes += 1
         self.counters["streamed_passes"] += 1
         return out
@@ -211,12 +259,12 @@ class ExactScorer:
             inf = np.full(len(self.store), np.inf)
             return np.zeros(len(self.store)), inf
         # 1/(Λ+λ) = 1/(c+λ) − (Λ−c)/(c+λ)² + (Λ−c)²/((c+λ)²(Λ+λ)), the last term ≤ d²/((c+λ)²(lo+λ)) in a bin
-        w0, w1 = torch.from_numpy(1.0 / c), torch.from_numpy(-1.0 / c ** 2)
+        w0, w1 = 1.0 / c, -1.0 / c ** 2
         d = 0.5 * (self.bin_hi - self.bin_lo)
-        rem = torch.from_numpy(d ** 2 / (c ** 2 * lo))
-        est = (q.profile_p @ w0 + q.profile_1 @ w1).numpy()
-        # rounding of the float64 bin sums is far below 1e-12 of the absolute mass
-        err = (q.profile_a @ (rem + 1e-12 * w0)).numpy()
+        rem = d ** 2 / (c ** 2 * lo)
+        est = w0 @ q.profile_p + w1 @ q.profile_1
+        # plus the rounding of the float64 bin sums (relative to the absolute mass A, see __init__)
+        err = (rem + self._rounding * w0) @ q.profile_a
         return est, err
 
     def top_k(self, q: ExactQuery, damping: float, k: int) -> ExactTopK:
@@ -230,9 +278,9 @@ class ExactScorer:
         k = min(int(k), n)
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if q.profile_p is None:
-            s = self.scores(q, lam)
-            return self._from_scores(q, np.arange(n), s, k, lam, n, True)
+        streamed = q.profile_p is None
+        if streamed:  # a new query: one pass builds its profile, then this λ is answered like any other
+            self.profile(q)
         est, err = self.bounds(q, lam)
         lower, upper = est - err, est + err
         if not np.all(np.isfinite(err)):
@@ -243,14 +291,14 @@ class ExactScorer:
         if len(cand) > self.max_candidates:
             return self._from_scores(q, np.arange(n), self.scores(q, lam), k, lam, n, True)
         s = self.scores_at(q, lam, cand)
-        return self._from_scores(q, cand, s, k, lam, len(cand), False)
+        return self._from_scores(q, cand, s, k, lam, len(cand), streamed, rescore=False)
 
     def _from_scores(self, q: ExactQuery, pos: np.ndarray, s: np.ndarray, k: int, lam: float, cands: int,
-                     streamed: bool) -> ExactTopK:
+                     streamed: bool, rescore: bool = True) -> ExactTopK:
         order = np.lexsort((pos, -s))  # descending score, ties by store position
         rev = np.lexsort((pos, s))
         top, bot = pos[order[:k]], pos[rev[:k]]
-        if streamed:  # the listed scores always come from scores_at, so every route gives identical bits
+        if rescore:  # the listed scores always come from scores_at, so every route gives identical bits
             both = self.scores_at(q, lam, np.concatenate([top, bot]))
             st, sb = both[:k], both[k:]
         else:

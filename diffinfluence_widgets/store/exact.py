@@ -12,13 +12,13 @@ so one store serves both, and the exact score of a query at any damping λ is
 training gradient (:mod:`.refine` builds the explorer's exact answers on it).
 
 Files: ``manifest.json`` (identity + shard list, written last), ``shards/shard-NNNNN.npy`` (``[rows, P]`` in the
-store's dtype, memory-mapped when read) and a JSON sidecar per shard (rows, bytes, SHA-256). Each shard is written
+store's dtype, read in chunks into a reused buffer, never memory-mapped) and a JSON sidecar per shard (rows, bytes, SHA-256). Each shard is written
 to a temporary file and renamed into place, so an interrupted build resumes at the first unfinished shard. A store
 built for another model, dataset, curvature eigenbasis, draws or dtype is refused (:class:`ExactStoreMismatchError`).
 
 Cost: ``P × itemsize`` bytes per training example on disk (P = the number of curvature parameters; the demo UNet:
 698 785 → 2.8 MB in float32), nothing in memory beyond the page cache: queries stream it in chunks of
-``chunk_bytes``.
+``chunk_bytes`` read into one reused buffer.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from .._io import atomic_write_bytes, atomic_write_text, sha256_file as _sha256_
 from ..influence.gradients import per_example_gradients
 from .manifest import StoreCorruptError, StoreError, StoreMismatchError, read_finished_manifest, shard_done
 
-__all__ = ["ExactStore", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
+__all__ = ["ExactStore", "ExactShard", "ExactStoreError", "ExactStoreCorruptError", "ExactStoreMismatchError",
            "build_exact_store", "curvature_basis_fingerprint", "EXACT_STORE_FORMAT"]
 
 EXACT_STORE_FORMAT = "diffinfluence-exact-store"
@@ -101,14 +101,24 @@ def _layout(curvature) -> tuple[list[str], dict[str, list[int]], dict[str, int]]
     return names, shapes, offsets
 
 
+@dataclass(frozen=True)
+class ExactShard:
+    """Where one shard's rows live: the ``.npy`` file, the byte offset of its data and its row range."""
+
+    path: Path
+    offset: int
+    lo: int
+    hi: int
+
+
 @dataclass
 class ExactStore:
-    """An opened exact store: ``ids`` ``[N]`` and read-only memory maps of the rotated gradients, shard by shard."""
+    """An opened exact store: ``ids`` ``[N]`` and where each shard's rows are (read on demand, never mapped)."""
 
     path: Path
     manifest: dict
     ids: np.ndarray
-    shards: list[np.ndarray]  # memmaps [rows_s, P]
+    shards: list[ExactShard]
 
     @property
     def settings(self) -> dict:
@@ -149,25 +159,58 @@ class ExactStore:
         except KeyError as e:
             raise KeyError(f"id {e.args[0]} is not in the exact store {self.path}") from None
 
+    def _fill(self, f, shard: ExactShard, lo: int, view: np.ndarray) -> None:
+        """Read rows ``lo … lo + len(view)`` of ``shard`` (open file ``f``) into the C-contiguous ``view``."""
+        f.seek(shard.offset + (lo - shard.lo) * self.bytes_per_example)
+        mv = memoryview(view.reshape(-1).view(np.uint8))
+        got = 0
+        while got < len(mv):
+            n = f.readinto(mv[got:])
+            if not n:
+                raise ExactStoreCorruptError(f"shard {shard.path} ended early (truncated?); rerun the build")
+            got += n
+
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo … hi − 1`` (store order) as ``[hi − lo, P]`` in the store's dtype, read into ``out`` when
+        given (a C-contiguous buffer of at least that many rows, reused across calls), else into a new array."""
+        lo, hi = int(lo), int(hi)
+        if not 0 <= lo <= hi <= len(self.ids):
+            raise IndexError(f"rows {lo}..{hi} are outside the exact store's {len(self.ids)} rows")
+        if out is None:
+            out = np.empty((hi - lo, self.num_parameters), dtype=self.dtype)
+        if out.dtype != self.dtype or out.shape[1:] != (self.num_parameters,) or out.shape[0] < hi - lo \
+                or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} [≥ {hi - lo}, {self.num_parameters}] array")
+        view = out[:hi - lo]
+        for sh in self.shards:
+            a, b = max(lo, sh.lo), min(hi, sh.hi)
+            if a < b:
+                with open(sh.path, "rb", buffering=0) as f:
+                    self._fill(f, sh, a, view[a - lo:b - lo])
+        return view
+
     def rows(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
         """``[len(positions), P]`` copies of the given rows (store order positions), in the store's dtype."""
-        pos = np.asarray(positions, dtype=np.int64)
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         out = np.empty((len(pos), self.num_parameters), dtype=self.dtype)
-        size = int(self.manifest["shard_size"])
         for r, p in enumerate(pos):
             if not 0 <= p < len(self.ids):
                 raise IndexError(f"row {p} is outside the exact store's {len(self.ids)} rows")
-            out[r] = self.shards[p // size][p % size]
+            self.read(p, p + 1, out[r:r + 1])
         return out
 
-    def chunks(self, chunk_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, [rows, P] memmap view)`` blocks of at most ``chunk_bytes``, in store order."""
+    def chunks(self, chunk_bytes: int = 32 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, [rows, P] block)`` of at most ``chunk_bytes`` (at least one row), in store order.
+
+        Every block is read into the *same* buffer (valid until the next one): a pass over the store holds
+        ``chunk_bytes`` in memory, and the file is read, not mapped, so the process does not grow by the store's
+        size (the page cache still keeps it for the next pass).
+        """
         step = max(1, int(chunk_bytes) // max(self.bytes_per_example, 1))
-        lo = 0
-        for sh in self.shards:
-            for a in range(0, sh.shape[0], step):
-                yield lo + a, sh[a:a + step]
-            lo += sh.shape[0]
+        buf = np.empty((min(step, max(len(self.ids), 1)), self.num_parameters), dtype=self.dtype)
+        for lo in range(0, len(self.ids), step):
+            hi = min(len(self.ids), lo + step)
+            yield lo, self.read(lo, hi, buf)
 
     # -------------------------------------------------------------------------------------------- open
     @classmethod
@@ -207,13 +250,22 @@ class ExactStore:
             if verify and _sha256_file(f) != sh["sha256"]:
                 raise ExactStoreCorruptError(f"shard {f} fails its SHA-256 checksum (corrupt); rerun the build")
             try:
-                a = np.load(f, mmap_mode="r")
+                with open(f, "rb") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dt = header(fh)
+                    offset = fh.tell()
             except (OSError, ValueError) as e:
                 raise ExactStoreCorruptError(f"shard {f} cannot be read ({e}); rerun the build") from None
-            if a.shape != (sh["rows"], man["num_parameters"]) or a.dtype != np.dtype(_DTYPES[st["dtype"]]):
-                raise ExactStoreCorruptError(f"shard {f} holds {a.dtype} {a.shape}, expected "
+            want = np.dtype(_DTYPES[st["dtype"]])
+            if tuple(shape) != (sh["rows"], man["num_parameters"]) or dt != want or fortran:
+                raise ExactStoreCorruptError(f"shard {f} holds {dt} {shape}, expected "
                                              f"{st['dtype']} {(sh['rows'], man['num_parameters'])}")
-            shards.append(a)
+            if offset + sh["rows"] * man["num_parameters"] * want.itemsize != sh["bytes"]:
+                raise ExactStoreCorruptError(f"shard {f} has {sh['bytes']} bytes, not a header and "
+                                             f"{sh['rows']} rows")
+            shards.append(ExactShard(f, offset, sh["lo"], sh["hi"]))
         return cls(root, man, ids, shards)
 
 
