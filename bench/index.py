@@ -147,11 +147,13 @@ def spectrum_features(n: int, k: int, seed: int = 0, clusters: int = 2000, rank:
     return out
 
 
-def bench_scale(n: int, k: int, repeats: int, nprobe: int = 32) -> dict:
+def bench_scale(n: int, k: int, repeats: int, nprobe: int = 32, kinds: tuple[str, ...] = ("pca",)) -> dict:
     """Damping change → refreshed top-20 (both sides) on a synthetic store of N examples with a decaying spectrum:
-    IVF against the exact flat search in the same projected space (recall@20), memory and disk per example."""
+    each approximate index kind against the exact flat search in the same projected space (recall@20), with the
+    query side (division by Λ + λ, projection) included in the latency; memory and disk per example."""
     from diffinfluence_widgets.diffusion.model import DiffusionModel, demo_unet_config
-    from diffinfluence_widgets.index import FeatureIndex, KFACQuery
+    from diffinfluence_widgets.index import FeatureIndex
+    from diffinfluence_widgets.influence.preconditioners import KFACQuery
     from diffinfluence_widgets.influence.gradients import layer_shapes
     from diffinfluence_widgets.influence.projection import make_projector
 
@@ -166,26 +168,42 @@ def bench_scale(n: int, k: int, repeats: int, nprobe: int = 32) -> dict:
     g = torch.Generator().manual_seed(1)
     rotated = engine.rotate({nm: torch.randn(1, *s, generator=g, dtype=torch.float64) for nm, s in shapes.items()})
     dampings = 10 ** np.random.default_rng(0).uniform(-9, -2, repeats)
-    out = {"N": n, "k": k, "generation_s": t_gen, "store_bytes_per_example": 4 * k + 8}
+    rows = []
     flat = FeatureIndex(feats, ids, kind="flat")
-    t0 = time.perf_counter()
-    ivf = FeatureIndex(feats, ids, kind="ivf", nprobe=nprobe)
-    out["ivf_build_s"] = time.perf_counter() - t0
-    out["ivf_nlist"], out["ivf_nprobe"] = int(ivf.index.nlist), int(ivf.index.nprobe)
-    del feats  # FAISS holds its own copies: flat (reference) and IVF
-    tt, rec = [], []
+    ref, t_flat = [], []
     for lam in dampings:
         a = time.perf_counter()
-        q = engine.project(rotated, float(lam))[0].numpy()
-        pi, _, oi, _ = ivf.proponents_opponents(q, 20)
-        tt.append(time.perf_counter() - a)
-        fp, _, fo, _ = flat.proponents_opponents(q, 20)
-        rec.append((len(set(pi) & set(fp)) + len(set(oi) & set(fo))) / 40)
-    out.update({"median_ms": _pct(tt, 50), "p95_ms": _pct(tt, 95), "recall@20_vs_flat": float(np.mean(rec)),
-                "recall@20_min": float(np.min(rec)),
-                # IVF-Flat keeps each vector (4k B) and its id (8 B) in its inverted lists
-                "ivf_memory_bytes_per_example": 4 * k + 8})
-    return out
+        ref.append(flat.proponents_opponents(engine.project(rotated, float(lam))[0].numpy(), 20))
+        t_flat.append(time.perf_counter() - a)
+    del flat
+    for kind in kinds:
+        t0 = time.perf_counter()
+        index = FeatureIndex(feats, ids, kind=kind, nprobe=nprobe)
+        row = {"N": n, "k": k, "kind": kind, "generation_s": t_gen, "build_s": time.perf_counter() - t0,
+               "flat_median_ms": _pct(t_flat, 50), "store_bytes_per_example": 4 * k + 8}
+        if kind == "ivf":
+            row["setting"] = f"nlist {index.index.nlist} / nprobe {index.index.nprobe}"
+            row["memory_bytes_per_example"] = 4 * k + 8  # each vector and its id in the inverted lists
+        elif kind == "pca":
+            row["setting"] = f"PCA {index.pca_dim} dims, 8-bit, rerank ×{index.index.k_factor:g}"
+            row["memory_bytes_per_example"] = 4 * k + index.pca_dim + 8  # full vector (re-ranking) + codes + id
+        else:
+            row["setting"] = f"M {index.index.hnsw.nb_neighbors(0)}, efSearch {index.index.hnsw.efSearch}"
+            row["memory_bytes_per_example"] = 4 * k + 8 * index.index.hnsw.nb_neighbors(0) + 8
+        tt, tq, rec = [], [], []
+        for lam, (fp, _, fo, _) in zip(dampings, ref):
+            a = time.perf_counter()
+            q = engine.project(rotated, float(lam))[0].numpy()
+            b = time.perf_counter()
+            pi, _, oi, _ = index.proponents_opponents(q, 20)
+            tt.append(time.perf_counter() - a)
+            tq.append(b - a)
+            rec.append((len(set(pi) & set(fp)) + len(set(oi) & set(fo))) / 40)
+        row.update({"median_ms": _pct(tt, 50), "p95_ms": _pct(tt, 95), "query_side_median_ms": _pct(tq, 50),
+                    "recall@20_vs_flat": float(np.mean(rec)), "recall@20_min": float(np.min(rec))})
+        rows.append(row)
+        del index
+    return {"rows": rows}
 
 
 def bench_projection_throughput(n: int = 512, k: int = 4096) -> dict:
@@ -408,21 +426,25 @@ def main(argv=None) -> dict:
                     "synthetic stores with a decaying spectrum at --scale-k")
     ap.add_argument("--scale-k", type=int, default=512)
     ap.add_argument("--scale-nprobe", type=int, default=96, help="IVF cells searched per query in the scale rows")
+    ap.add_argument("--scale-kinds", default="pca", help="index kinds of the scale rows (pca, ivf, hnsw)")
     args = ap.parse_args(argv)
     _threads(args.threads)
     if args.scale:
         rows = []
         for n in [int(x) for x in args.scale.split(",")]:
-            r = bench_scale(n, args.scale_k, args.repeats, args.scale_nprobe)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-        print("| N | k | median ms | p95 ms | recall@20 vs flat (mean / min) | IVF nlist / nprobe | IVF build s | "
-              "memory B / example | disk B / example |")
-        print("|---|---|---|---|---|---|---|---|---|")
+            r = bench_scale(n, args.scale_k, args.repeats, args.scale_nprobe, tuple(args.scale_kinds.split(",")))
+            for row in r["rows"]:
+                print(json.dumps(row), flush=True)
+            rows += r["rows"]
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; 1 thread")
+        print("| N | k | index | median ms | p95 ms | of which query side ms | flat search ms | recall@20 vs flat "
+              "(mean / min) | build s | memory B / example | disk B / example |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['N']} | {r['k']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['recall@20_vs_flat']:.2f} / "
-                  f"{r['recall@20_min']:.2f} | {r['ivf_nlist']} / {r['ivf_nprobe']} | {r['ivf_build_s']:.0f} | "
-                  f"{r['ivf_memory_bytes_per_example']} | {r['store_bytes_per_example']} |")
+            print(f"| {r['N']} | {r['k']} | {r['kind']}: {r['setting']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | "
+                  f"{r['query_side_median_ms']:.1f} | {r['flat_median_ms']:.0f} | {r['recall@20_vs_flat']:.2f} / "
+                  f"{r['recall@20_min']:.2f} | {r['build_s']:.0f} | {r['memory_bytes_per_example']} | "
+                  f"{r['store_bytes_per_example']} |")
         return {"scale": rows}
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

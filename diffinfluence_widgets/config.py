@@ -64,10 +64,12 @@ class StoreSpace(StrEnum):
 
 
 class IndexKind(StrEnum):
-    """FAISS index kinds (``auto``: exact flat search up to :attr:`IndexConfig.auto_flat_max` examples, IVF above)."""
+    """FAISS index kinds (``auto``: exact flat search up to :attr:`IndexConfig.auto_flat_max` examples, ``pca`` above:
+    a PCA-reduced 8-bit scan with exact re-ranking, see :class:`~diffinfluence_widgets.index.FeatureIndex`)."""
 
     AUTO = "auto"
     FLAT = "flat"
+    PCA = "pca"
     IVF = "ivf"
     HNSW = "hnsw"
 

@@ -69,7 +69,7 @@ class IndexBackend:
 
     Main settings: ``k`` (= ``k_b · k_a``, Kronecker projection), ``space`` (``"eigen"``: whitened store, default;
     ``"parameter"``: ``R g``), ``num_draws`` / ``draw_seed`` (training-side draws), ``query_num_draws``,
-    ``index_kind`` (``"auto"``: exact ``"flat"`` up to 50 000 examples, ``"ivf"`` above; or ``"hnsw"``),
+    ``index_kind`` (``"auto"``: exact ``"flat"`` up to 50 000 examples, ``"pca"`` above; or ``"ivf"``, ``"hnsw"``),
     ``rescore_candidates`` (> 0: rescore that many candidates per side with full gradients in :meth:`search`),
     ``on_train_gradients(measurement, LayerGradients)`` (called for every batch of training gradients while a
     store is built), ``query_dtype`` (float32: the damping slider's arithmetic; float64 for exactness checks),
@@ -146,7 +146,7 @@ class IndexBackend:
         self.damping_scale = {m: p.damping_scale for m, p in self.preconditioners.items()}
         kind = cfg.index_kind
         if kind == IndexKind.AUTO:
-            kind = IndexKind.FLAT if len(self.train_ids) <= cfg.auto_flat_max else IndexKind.IVF
+            kind = IndexKind.FLAT if len(self.train_ids) <= cfg.auto_flat_max else IndexKind.PCA
         self.index_kind = kind
         self._index: dict[tuple[str, str], FeatureIndex] = {}
         for p in self.preconditioners.values():

@@ -1,5 +1,5 @@
-"""The index room: maximum-inner-product search over stored features with FAISS (exact flat, IVF or HNSW);
-proponents and opponents from one call."""
+"""The index room: maximum-inner-product search over stored features with FAISS (exact flat, PCA-reduced scan with
+exact re-ranking, IVF or HNSW); proponents and opponents from one call."""
 from __future__ import annotations
 
 import math
@@ -15,14 +15,20 @@ __all__ = ["FeatureIndex"]
 class FeatureIndex:
     """Maximum-inner-product search over stored features with FAISS.
 
-    ``kind="flat"`` (default): exact ``IndexFlatIP``. ``"ivf"``: ``IndexIVFFlat`` with inner product
-    (``nlist`` ≈ √N cells trained on a subsample, ``nprobe`` searched). ``"hnsw"``: ``IndexHNSWFlat`` with inner product
-    (``hnsw_m`` links, ``ef_search``). The approximate kinds are for large N (≳ 10⁵).
+    ``kind="flat"`` (default): exact ``IndexFlatIP``. ``"pca"`` (the large-N default): the features' leading
+    ``pca_dim`` principal directions (fitted on ≤ 50 000 seeded rows; default ``max(64, dim // 4)``), stored as 8-bit
+    codes and scanned in full, then ``rerank`` × k candidates per side re-ranked with the exact float32 inner
+    product (``IndexRefineFlat``): projected-gradient features have a fast-decaying spectrum, so the top of the
+    list is decided in few directions and the re-ranking makes the listed scores exact. ``"ivf"``: ``IndexIVFFlat``
+    with inner product (``nlist`` ≈ √N cells trained on a subsample, ``nprobe`` searched). ``"hnsw"``:
+    ``IndexHNSWFlat`` with inner product (``hnsw_m`` links, ``ef_search``). The approximate kinds are for large N
+    (≳ 10⁵); ``bench/index.py --scale`` compares them.
     """
 
     def __init__(self, features: np.ndarray, ids: np.ndarray, kind: IndexKind = IndexKind.FLAT, *,
                  nlist: int | None = None,
-                 nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0):
+                 nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0,
+                 pca_dim: int | None = None, rerank: int = 16):
         x = np.ascontiguousarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != len(ids):
             raise ValueError(f"features {x.shape} and {len(ids)} ids disagree")
@@ -46,6 +52,20 @@ class FeatureIndex:
             index.train(sub)
             index.nprobe = min(int(nprobe), nlist)
             self._quant = quant
+        elif kind == IndexKind.PCA:
+            d = min(self.dim, int(pca_dim or max(64, self.dim // 4)))
+            if d < 1 or int(rerank) < 1:
+                raise ValueError(f"pca_dim and rerank must be positive, got {pca_dim!r} and {rerank!r}")
+            m = min(x.shape[0], 50_000)
+            sub = x if m == x.shape[0] else x[np.sort(np.random.default_rng(seed).choice(x.shape[0], m, False))]
+            pca = faiss.PCAMatrix(self.dim, d)
+            codes = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            reduced = faiss.IndexPreTransform(pca, codes)
+            reduced.train(sub)
+            index = faiss.IndexRefineFlat(reduced)
+            index.k_factor = float(rerank)
+            self._parts = (pca, codes, reduced)  # the refine index does not own them
+            self.pca_dim = d
         elif kind == IndexKind.HNSW:
             index = faiss.IndexHNSWFlat(self.dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = int(ef_search)

@@ -13,8 +13,8 @@ The file reads top to bottom in the order the work happens:
    with the model and dataset fingerprints, the training-side measurement, S draws, the draw seed, the
    projection (kind, seed, k) and the dtype (float32). An interrupted build resumes and skips finished shards;
    under ``torchrun`` the shards are split across ranks. Opening checks fingerprints, settings and checksums.
-2. **Search** (:class:`FeatureIndex`): FAISS ``IndexFlatIP`` (exact) by default, ``"ivf"`` or ``"hnsw"`` for
-   large N; proponents and opponents from one call.
+2. **Search** (:class:`FeatureIndex`): FAISS ``IndexFlatIP`` (exact) by default; for large N ``"pca"`` (a reduced
+   8-bit scan + exact re-ranking), ``"ivf"`` or ``"hnsw"``; proponents and opponents from one call.
 3. **Query path** (:class:`KFACQuery`): the query gradient is rotated into the (E)K-FAC eigenbasis once; a new λ
    is then an elementwise division followed by the projection. For the Kronecker projection the products
    ``R_B Q_B`` and ``R_A Q_A`` are precomputed per layer, so a query is never rotated back to parameter space.
