@@ -61,6 +61,7 @@ def main() -> None:
     from diffinfluence_widgets.influence.gradients import per_example_gradients
     from diffinfluence_widgets.index.refine import flat_eigenvalues
     from diffinfluence_widgets.widgets.controls import DECADES_ABOVE, DECADES_BELOW
+    from diffinfluence_widgets.widgets.reading import NOISE_BELOW, curvature_scale
 
     if args.cache:
         os.environ["DIFFINFLUENCE_CACHE"] = args.cache
@@ -77,13 +78,21 @@ def main() -> None:
           f"{len(st) * st.bytes_per_example / 2**20:.0f} MiB in all; damping profile: {sc0.num_bins} bins, "
           f"{24 * sc0.num_bins} B per training image and refined query in memory")
     methods = [m for m in args.methods.split(",") if m in b.methods]
-    logs = [math.log10(b.default_damping[m]) for m in b.methods]
-    decades = list(range(math.floor(min(logs)) - DECADES_BELOW, math.ceil(max(logs)) + DECADES_ABOVE + 1))
-    dampings = [10.0 ** e for e in decades]
+
+    def slider_decades(m: str) -> list[int]:
+        """The explorer's slider range for method m (``Controls._range``): a decade below the noise boundary
+        1e-6 τ (or the default) to two above τ (or the default)."""
+        d, tau = b.default_damping[m], curvature_scale(b, m)
+        lows = [math.log10(d)] + ([math.log10(NOISE_BELOW * tau)] if tau else [])
+        highs = [math.log10(d)] + ([math.log10(tau)] if tau else [])
+        return list(range(math.floor(min(lows)) - DECADES_BELOW, math.ceil(max(highs)) + DECADES_ABOVE + 1))
+
     qs = [q for q in b.queries() if q.kind == "heldout"] + [q for q in b.queries() if q.kind == "generated"]
     qs = qs[: args.queries]
-    print(f"slider range 1e{decades[0]} … 1e{decades[-1]} ({len(dampings)} decades), {len(qs)} queries, "
-          f"methods {methods}, k = {args.k}")
+    for m in methods:
+        ds = slider_decades(m)
+        print(f"slider range of {m}: 1e{ds[0]} … 1e{ds[-1]} ({len(ds)} decades; τ = {curvature_scale(b, m)})")
+    print(f"{len(qs)} queries, methods {methods}, k = {args.k}")
 
     # ---- exact reference, independent of the exact store: full gradients, rotated in float64, in memory
     t1 = time.perf_counter()
@@ -110,6 +119,7 @@ def main() -> None:
             u = torch.cat([p.payload.exact_rot[n].reshape(-1) for n in names]).double()
             lam_vec = torch.from_numpy(flat_eigenvalues(b.curvature, m))
             default = b.default_damping[m]
+            dampings = [10.0 ** e for e in slider_decades(m)]
             order = [default] + [d for d in dampings if d != default]  # the explorer opens at the default
             for i, lam in enumerate(order):
                 exact = (R @ (u / (lam_vec + lam))).numpy()

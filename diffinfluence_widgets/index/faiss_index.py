@@ -16,7 +16,7 @@ class FeatureIndex:
     """Maximum-inner-product search over stored features with FAISS.
 
     ``kind="flat"`` (default): exact ``IndexFlatIP``. ``"pca"`` (the large-N default): the features' leading
-    ``pca_dim`` principal directions (fitted on ≤ 50 000 seeded rows; default ``max(64, dim // 4)``), stored as 8-bit
+    ``pca_dim`` principal directions (fitted on ≤ 50 000 seeded rows; default ``max(64, dim // 8)``), stored as 8-bit
     codes and scanned in full, then ``rerank`` × k candidates per side re-ranked with the exact float32 inner
     product (``IndexRefineFlat``): projected-gradient features have a fast-decaying spectrum, so the top of the
     list is decided in few directions and the re-ranking makes the listed scores exact. ``"ivf"``: ``IndexIVFFlat``
@@ -28,7 +28,7 @@ class FeatureIndex:
     def __init__(self, features: np.ndarray, ids: np.ndarray, kind: IndexKind = IndexKind.FLAT, *,
                  nlist: int | None = None,
                  nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0,
-                 pca_dim: int | None = None, rerank: int = 16):
+                 pca_dim: int | None = None, rerank: int = 64):
         x = np.ascontiguousarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != len(ids):
             raise ValueError(f"features {x.shape} and {len(ids)} ids disagree")
@@ -53,9 +53,9 @@ class FeatureIndex:
             index.nprobe = min(int(nprobe), nlist)
             self._quant = quant
         elif kind == IndexKind.PCA:
-            d = min(self.dim, int(pca_dim or max(64, self.dim // 4)))
-            if d < 1 or int(rerank) < 1:
+            if (pca_dim is not None and int(pca_dim) < 1) or int(rerank) < 1:
                 raise ValueError(f"pca_dim and rerank must be positive, got {pca_dim!r} and {rerank!r}")
+            d = min(self.dim, int(pca_dim) if pca_dim is not None else max(64, self.dim // 8))
             m = min(x.shape[0], 50_000)
             sub = x if m == x.shape[0] else x[np.sort(np.random.default_rng(seed).choice(x.shape[0], m, False))]
             pca = faiss.PCAMatrix(self.dim, d)

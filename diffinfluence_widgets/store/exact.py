@@ -12,9 +12,10 @@ so one store serves both, and the exact score of a query at any damping λ is
 training gradient (:mod:`.refine` builds the explorer's exact answers on it).
 
 Files: ``manifest.json`` (identity + shard list, written last), ``shards/shard-NNNNN.npy`` (``[rows, P]`` in the
-store's dtype, read in chunks into a reused buffer, never memory-mapped) and a JSON sidecar per shard (rows, bytes, SHA-256). Each shard is written
-to a temporary file and renamed into place, so an interrupted build resumes at the first unfinished shard. A store
-built for another model, dataset, curvature eigenbasis, draws or dtype is refused (:class:`ExactStoreMismatchError`).
+store's dtype, read in chunks into a reused buffer, never memory-mapped) and a JSON sidecar per shard (rows,
+bytes, SHA-256). Each shard is written to a temporary file and renamed into place, so an interrupted build
+resumes at the first unfinished shard. A store built for another model, dataset, curvature eigenbasis, draws or
+dtype is refused (:class:`ExactStoreMismatchError`).
 
 Cost: ``P × itemsize`` bytes per training example on disk (P = the number of curvature parameters; the demo UNet:
 698 785 → 2.8 MB in float32), nothing in memory beyond the page cache: queries stream it in chunks of
