@@ -12,7 +12,9 @@ recall@10 against exact scores for proponents and opponents of:
 The exact reference is computed here independently of the exact store and of :mod:`diffinfluence_widgets.refine`:
 one pass of full training gradients with the store's draws, rotated into the eigenbasis in float64 and kept in
 memory, and ``Σ_i u_i r_ji / (Λ_i + λ)`` in float64. Refine latency: the first refine of a query (one streamed pass
-over the exact store) and every later one (a damping change). One thread. The last line is
+over the exact store) and every later one (a damping change); the query-side gradient (``prepare``) and the
+process's memory growth during a pass are printed separately. Each method is swept over its own slider range
+(``Controls._range``). One thread. The last line is
 ``RECALL raw_min=<x> refined_min=<y> refine_median_ms=<z>`` (min over λ, sides, queries and methods; the median
 over damping changes).
 """
