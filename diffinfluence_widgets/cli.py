@@ -82,7 +82,7 @@ def _add_data_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import CACHE_ENV, DEMO_CONFIGS
+    from .demo_names import CACHE_ENV, CONFIG_NAMES  # no torch: parsing and serving stay light
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("demo build")
-    g.add_argument("--config", choices=sorted(DEMO_CONFIGS), default="demo",
+    g.add_argument("--config", choices=sorted(CONFIG_NAMES), default="demo",
                    help="'demo': 16×16 digits, a few CPU minutes to build; 'tiny': 8×8 digits, seconds "
                         "(default: %(default)s)")
     g.add_argument("--cache-dir", type=Path, default=None,
@@ -247,7 +247,7 @@ def cmd_serve(args) -> int:
 def _serve_demo(args) -> int:
     """Check the port, make sure the cache is complete (building it in a child process when it is not), then
     serve. This process never loads the backend: only Voila's kernels do."""
-    from .demo import default_cache_dir, demo_config
+    from .demo_names import check_config_name, default_cache_dir  # never .demo here: it imports torch
     from .serving import ServeError, check_port, stop_process_tree, stop_signals
 
     threads = _threads(args)
@@ -260,10 +260,10 @@ def _serve_demo(args) -> int:
     except ServeError as e:
         print(f"diffinfluence: {e}", file=sys.stderr)
         return 2
-    cfg = demo_config(args.config)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(cfg)
+    name = check_config_name(args.config)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(name)
     # the check needs torch (the settings digest) and a build needs everything: both run in a child process
-    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", cfg.name, str(cache_dir), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", name, str(cache_dir), "--threads", str(threads)]
     cmd += (["--rebuild"] if args.rebuild else []) + (["--quiet"] if args.quiet else [])
     cmd += ["--device", args.device] if args.device else []
     child = subprocess.Popen(cmd, start_new_session=True)
@@ -278,7 +278,7 @@ def _serve_demo(args) -> int:
         return 130
     if code != 0:
         return code
-    return _serve(args, cfg.name, cache_dir)
+    return _serve(args, name, cache_dir)
 
 
 def _serve(args, config: str, cache_dir: Path) -> int:
@@ -400,7 +400,7 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .demo import DemoCacheError
+    from .demo_names import DemoCacheError
 
     args = build_parser().parse_args(argv)
     try:

@@ -342,7 +342,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    from .demo import DemoCacheError
+    from .demo_names import DemoCacheError
 
     try:
         prepare_cache(a.config, a.cache_dir, threads=a.threads, rebuild=a.rebuild, quiet=a.quiet, device=a.device)

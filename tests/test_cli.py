@@ -180,6 +180,42 @@ def test_serve_runs_voila_on_localhost(cache):
         assert noise not in text, text
 
 
+def test_parsing_imports_no_torch():
+    """Argument parsing (every command) and the serving module load neither torch nor diffusers."""
+    code = ("import sys; from diffinfluence_widgets import cli, serving, demo_names; p = cli.build_parser(); "
+            "[p.parse_args([c]) for c in ('demo', 'serve', 'build', 'train', 'evaluate')]; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+SERVE_LIGHT = """
+import json, sys
+from diffinfluence_widgets import cli
+code = cli.main(sys.argv[1:])
+hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) // 1024
+heavy = sorted(m for m in ('torch', 'diffusers', 'numpy', 'faiss', 'PIL') if m in sys.modules)
+print('SERVE-LIGHT ' + json.dumps({'code': code, 'heavy': heavy, 'peak_mb': hwm}))
+"""
+
+
+@pytest.mark.slow
+def test_serve_process_imports_no_torch(cache):
+    """The command line that waits on Voila holds no backend: parsing, the port check, the cache check (a child
+    process), writing the app and running Voila leave torch, diffusers and numpy out of its ``sys.modules``."""
+    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+    p = subprocess.run([sys.executable, "-c", SERVE_LIGHT, "serve", "--config", "tiny", "--cache-dir", str(cache),
+                        "--threads", "1", "--quiet", "--port", str(_free_port()), "--pool-size", "0",
+                        "--exit-after", "0.5"], capture_output=True, text=True, timeout=300, env=ENV)
+    line = [x for x in p.stdout.splitlines() if x.startswith("SERVE-LIGHT ")]
+    assert line, p.stdout + p.stderr
+    out = json.loads(line[-1].split(" ", 1)[1])
+    assert out["code"] == 0, p.stdout + p.stderr
+    assert "The explorer is ready" in p.stdout  # Voila really ran
+    assert out["heavy"] == [], out
+    print(f"serving CLI peak RSS {out['peak_mb']} MB")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGHUP", "SIGINT"])
 def test_serve_stops_everything_on_hangup_and_interrupt(cache, signame):
