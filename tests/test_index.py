@@ -409,8 +409,20 @@ def test_backend_trak_family_matches_closed_form_and_reuses_stores(tiny_setup, m
     calls = []
     real = grads.per_example_gradients
     monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _backend(tiny_setup, methods=("ekfac", "trak", "dtrak"))
+    again = _backend(tiny_setup, methods=("ekfac", "trak", "dtrak", "journey_trak"))
     assert calls == []
+    # reopened: the [k, k] eigenvectors wait for the method's first query; the damping comes from the cached
+    # spectrum alone and equals the full scorer's; TRAK and Journey-TRAK share one scorer (one loss store)
+    from diffinfluence_widgets.influence.preconditioners import trak as trak_pre
+
+    assert not any(id(st) in trak_pre._SCORERS for st in again.stores.values())
+    for m in ("trak", "dtrak", "journey_trak"):
+        assert again.default_damping[m] == pytest.approx(b.default_damping[m], rel=1e-12)
+        assert again.default_damping[m] == pytest.approx(again.preconditioners[m].scorer.default_damping(), rel=1e-12)
+    assert again.preconditioners["trak"].scorer is again.preconditioners["journey_trak"].scorer
+    assert again.preconditioners["dtrak"].scorer is not again.preconditioners["trak"].scorer
+    p2 = again.prepare(gen.id, "loss", "trak")
+    assert np.array_equal(again.scores(p2, 1.0), b.scores(b.prepare(gen.id, "loss", "trak"), 1.0))
 
 
 def test_identity_preconditioner_is_the_plain_gradient_dot_product(tiny_setup):
