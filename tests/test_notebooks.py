@@ -6,8 +6,8 @@ JavaScript is covered by the browser tests.
 """
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from pathlib import Path
 
 import pytest
