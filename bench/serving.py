@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     result = {}
     try:
         pool = args.pool_size
-        while not server().get("url"):  # with --pool-size 0, ready as soon as Voila answers
+        # the command line says when Voila answers (and, with a pool, the spare has run the app)
+        while "The explorer is ready" not in (tmp / "serve.log").read_text():
             if proc.poll() is not None or time.perf_counter() - t_start > 300:
                 raise RuntimeError((tmp / "serve.log").read_text())
             time.sleep(0.1)

@@ -49,6 +49,19 @@ def _default_threads() -> int:
     return max(1, min(4, cores, int(cores - load + 0.5)))
 
 
+def _pool_size(text: str):
+    """``--pool-size``: ``auto`` or an integer ≥ 0."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 0, got {text!r}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- parser
 #: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
 _DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
@@ -121,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cull-idle", type=float, default=60.0, metavar="SECONDS",
                    help="shut down a kernel whose page was closed or reloaded after this many idle seconds "
                         "(default: %(default)s)")
-    s.add_argument("--pool-size", type=int, default=1,
-                   help="kernels kept preheated (the app already run) so a page opens in about a second; 0 "
-                        "starts each page's kernel on demand (10-15 s, less memory) (default: %(default)s)")
+    s.add_argument("--pool-size", type=_pool_size, default="auto",
+                   help="kernels kept preheated (the app already run) so a page opens in seconds; 0 starts each "
+                        "page's kernel on demand (10-15 s, one kernel less: ~0.8 GB for the demo); 'auto': 1 when "
+                        "3 GB of memory are available (cgroup limits included), else 0 (default: %(default)s)")
 
     d = sub.add_parser("demo", parents=[common, serve], formatter_class=fmt,
                        help="build (or reuse) the digits demo and serve the explorer (or --headless: write a report)",
@@ -250,9 +264,12 @@ def _serve_demo(args) -> int:
     from .demo_names import check_config_name, default_cache_dir  # never .demo here: it imports torch
     from .serving import ServeError, check_port, stop_process_tree, stop_signals
 
+    from .serving import auto_pool_size
+
     threads = _threads(args)
-    if args.pool_size < 0:
-        raise SystemExit(f"diffinfluence: --pool-size must be 0 or more, got {args.pool_size}")
+    args.pool_auto = args.pool_size == "auto"
+    if args.pool_auto:
+        args.pool_size = auto_pool_size()
     if not args.cull_idle > 0:
         raise SystemExit(f"diffinfluence: --cull-idle must be positive seconds, got {args.cull_idle}")
     try:
@@ -291,7 +308,9 @@ def _serve(args, config: str, cache_dir: Path) -> int:
     server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
                          cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
     print(f"starting Voila on http://127.0.0.1:{args.port}/ "
-          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}) …", flush=True)
+          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}"
+          f"{' (less than 3 GB of memory available: --pool-size auto)' if getattr(args, 'pool_auto', False) and not args.pool_size else ''}) …",
+          flush=True)
     stopped = True
     with stop_signals():
         try:

@@ -37,7 +37,7 @@ from ._io import atomic_write_bytes
 from .app import APP_READY
 
 __all__ = ["ServeError", "check_port", "demo_cache_problem", "voila_config", "VoilaServer", "descendants",
-           "stop_signals"]
+           "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES"]
 
 
 class ServeError(RuntimeError):
@@ -88,6 +88,49 @@ def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
     if any(steps[s].get("model_fingerprint") != fp for s in ("curvature", "index")):
         return f"the curvature or index in {root} belongs to another model"
     return None
+
+
+# ---------------------------------------------------------------------------------------------- memory
+#: memory ``--pool-size auto`` asks for before keeping a preheated spare kernel: the open page's kernel, the spare,
+#: and a reloaded page's old kernel that waits for culling (Voila's shutdown on unload is refused), ~0.8 GB each on
+#: the demo (bench/RESULTS.md), plus Voila and the command line (~0.17 GB) and a margin
+SPARE_NEEDS_BYTES = 3 << 30
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process tree may still use: ``MemAvailable``, lowered to the cgroup's limit minus its usage
+    (containers, Binder: cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``). ``None`` where unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < (1 << 60):  # "max" / a huge value: no limit
+            room = max(0, limit - usage)
+            avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
+def auto_pool_size(avail: int | None = None) -> int:
+    """``--pool-size auto``: one preheated spare kernel (a page ready in ~1-5 s instead of 10-15 s) when
+    :data:`SPARE_NEEDS_BYTES` are available, else none (a 1-2 GB Binder or classroom VM: one kernel per page)."""
+    avail = available_memory() if avail is None else avail
+    return 1 if avail is not None and avail >= SPARE_NEEDS_BYTES else 0
 
 
 # ---------------------------------------------------------------------------------------------- Voila

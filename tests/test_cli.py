@@ -189,6 +189,28 @@ def test_parsing_imports_no_torch():
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
+def test_pool_size_auto_keeps_a_spare_only_with_room(monkeypatch):
+    """--pool-size: 'auto' or an integer ≥ 0; auto keeps a preheated spare only with SPARE_NEEDS_BYTES free, and
+    reads a container's cgroup limit (a 2 GB Binder has no room for page kernel + spare + a kernel awaiting culling)."""
+    from diffinfluence_widgets import serving
+    from diffinfluence_widgets.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["serve"]).pool_size == "auto"
+    assert p.parse_args(["serve", "--pool-size", "2"]).pool_size == 2
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "--pool-size", bad])
+    assert serving.auto_pool_size(serving.SPARE_NEEDS_BYTES) == 1
+    assert serving.auto_pool_size(2 << 30) == 0
+    files = {"/sys/fs/cgroup/memory.max": "2147483648\n", "/sys/fs/cgroup/memory.current": "1073741824\n"}
+    monkeypatch.setattr(serving, "_read_int", lambda path: int(files[path]) if files.get(path, "x")[0].isdigit()
+                        else None)
+    assert serving.available_memory() <= 1 << 30 and serving.auto_pool_size() == 0
+    files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: /proc/meminfo decides
+    assert serving.available_memory() is None or serving.available_memory() > 1 << 30
+
+
 SERVE_LIGHT = """
 import json, sys
 from diffinfluence_widgets import cli
