@@ -307,10 +307,10 @@ def _serve(args, config: str, cache_dir: Path) -> int:
                             threads=args.threads)
     server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
                          cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
-    print(f"starting Voila on http://127.0.0.1:{args.port}/ "
-          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}"
-          f"{' (less than 3 GB of memory available: --pool-size auto)' if getattr(args, 'pool_auto', False) and not args.pool_size else ''}) …",
-          flush=True)
+    spare = "preheating the app" if args.pool_size else "no preheated kernel"
+    if getattr(args, "pool_auto", False) and not args.pool_size:
+        spare += ": less than 3 GB of memory available (--pool-size auto)"
+    print(f"starting Voila on http://127.0.0.1:{args.port}/ ({spare}) …", flush=True)
     stopped = True
     with stop_signals():
         try:

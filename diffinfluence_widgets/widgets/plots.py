@@ -295,8 +295,9 @@ class BandProfile(_View):
 
 class GradientMap(_View):
     """2-D map of the projected training gradients (their first two principal directions), points coloured by
-    class; the query marked (its loss gradient through the same projection and axes) and its top-k highlighted. Click selects a training image in the gallery, hovering previews it there
-    (plotly tooltips cannot show images), and a lasso / box selection lists the chosen images in the gallery."""
+    class; the query marked (its loss gradient through the same projection and axes) and its top-k highlighted.
+    Click selects a training image in the gallery, hovering previews it there (plotly tooltips cannot show images),
+    and a lasso / box selection lists the chosen images in the gallery."""
 
     channel = "map"
     #: one colour per class (categorical, colour-blind safe first)
@@ -381,8 +382,8 @@ class GradientMap(_View):
     def _note(self, data):
         xy, r, q = data
         mark = ("" if q is None else f"<span class='dinf-map-query' data-query='{r.query_id}' "
-                f"data-xy='{float(q[0]):.6g},{float(q[1]):.6g}'>✕ query {r.query_id} (its loss gradient, projected the "
-                "same way)</span>; ")
+                f"data-xy='{float(q[0]):.6g},{float(q[1]):.6g}'>✕ query {r.query_id} (its loss gradient, "
+                "projected the same way)</span>; ")
         return (f"<small>{len(xy)} training images coloured by class; {mark}rings: the top {r.k} proponents (red) "
                 f"and opponents (blue) of query {r.query_id} ({r.method}, λ = {r.damping:.3g})</small>")
 

@@ -280,8 +280,8 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     other = next(q.id for q in backend.queries() if q.id != int(first[0]))
     page.locator(f".dinf-picker .dinf-query[data-id='{other}']").scroll_into_view_if_needed()
     page.click(f".dinf-picker .dinf-query[data-id='{other}']")
-    page.wait_for_function("([sel, q]) => { const e = document.querySelector(sel); return e && e.dataset.query === q; }",
-                           arg=[note, str(other)], timeout=90_000)
+    page.wait_for_function("([sel, q]) => { const e = document.querySelector(sel); "
+                           "return e && e.dataset.query === q; }", arg=[note, str(other)], timeout=90_000)
     xy = [float(v) for v in page.get_attribute(note, "data-xy").split(",")]
     assert np.allclose(xy, backend.map_2d_query(other), rtol=1e-4) and page.get_attribute(note, "data-xy") != first[1]
     page.wait_for_selector(marker, state="attached")

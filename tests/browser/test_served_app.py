@@ -63,7 +63,8 @@ def served(backend, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     port = H.free_port()
     cmd = [sys.executable, "-m", "diffinfluence_widgets.cli", "serve", "--config", H.DEMO_CONFIG, "--cache-dir",
-           str(H.DEMO_CACHE), "--threads", "1", "--port", str(port), "--cull-idle", str(CULL_IDLE)]
+           str(H.DEMO_CACHE), "--threads", "1", "--port", str(port), "--cull-idle", str(CULL_IDLE),
+           "--pool-size", "1"]  # the spare whatever memory this machine has free (auto)
     if H.BACKEND != "demo":
         pytest.skip("the served app is the digits demo (DINF_BROWSER_BACKEND=demo)")
     out = open(log, "w")
