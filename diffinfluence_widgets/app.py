@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import re
 from pathlib import Path
 
 from ._io import atomic_write_text
 
-__all__ = ["app_notebook", "write_app_notebook", "give_back_memory", "APP_TITLE", "APP_READY",
-           "APP_PREPARE_CACHE"]
+__all__ = ["app_notebook", "write_app_notebook", "give_back_memory", "free_kernel_on_leave", "APP_TITLE",
+           "APP_READY", "APP_PREPARE_CACHE"]
 
 APP_TITLE = "Influence explorer — digits demo"
 #: the line the app writes to the kernel's real stderr once the explorer is built (a preheated kernel is ready)
@@ -47,6 +49,21 @@ def give_back_memory(session) -> bool:
     return True
 
 
+def free_kernel_on_leave(explorer) -> str:
+    """Tell the explorer's gallery this kernel's id, so that the page asks Voila to shut the kernel down when it is
+    left or reloaded (culling stays the fallback). Returns the id (``""`` outside a kernel)."""
+    try:
+        from ipykernel.connect import get_connection_file
+
+        name = os.path.basename(get_connection_file())
+    except Exception:  # not in a kernel
+        return ""
+    m = re.match(r"kernel-([0-9a-fA-F-]+)\.json$", name)
+    kid = m.group(1) if m else ""
+    explorer.gallery.voila_kernel_id = kid
+    return kid
+
+
 def _source(config: str | None, cache_dir: str | None, threads: int | None) -> str:
     cfg = repr(config) if config else "config_from_env('demo')  # DIFFINFLUENCE_SMALL=1 -> 'tiny'"
     lines = [
@@ -57,7 +74,7 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
         "    os.environ['DIFFINFLUENCE_CACHE'] = os.path.abspath('../diffinfluence-cache')",
         "from diffinfluence_widgets.demo import config_from_env, load_or_build_demo",
         "from diffinfluence_widgets.widgets import InfluenceExplorer",
-        "from diffinfluence_widgets.app import APP_PREPARE_CACHE, APP_READY, give_back_memory",
+        "from diffinfluence_widgets.app import APP_PREPARE_CACHE, APP_READY, free_kernel_on_leave, give_back_memory",
         "",
         f"CONFIG = {cfg}",
         f"CACHE_DIR = {cache_dir!r}  # None: $DIFFINFLUENCE_CACHE/<config> or ./diffinfluence-cache/<config>",
@@ -65,6 +82,7 @@ def _source(config: str | None, cache_dir: str | None, threads: int | None) -> s
         "backend = load_or_build_demo(CONFIG, CACHE_DIR, threads=THREADS, progress=False)",
         "explorer = InfluenceExplorer(backend, prepare_cache_size=APP_PREPARE_CACHE)",
         "give_back_memory(explorer.session)  # one kernel per page: keep each small",
+        "free_kernel_on_leave(explorer)  # a reloaded or closed page frees its kernel at once",
         "import sys; print(APP_READY, file=sys.__stderr__, flush=True)  # tells `diffinfluence serve` the app is up",
         "explorer",
     ]

@@ -366,6 +366,22 @@ function render({ model, el: root, signal }) {
   drawQuery();
   draw();
   drawSelected();
+  // Served app: leaving or reloading the page frees its kernel at once. Voila's own shutdown request on unload is
+  // refused (no XSRF token: voila#1458), which left each reloaded page's kernel alive until culled.
+  const leave = () => {
+    const id = model.get("voila_kernel_id");
+    if (!id || !/^[0-9a-f-]{8,64}$/i.test(id)) return;
+    let base = "/";
+    try { base = JSON.parse(document.getElementById("jupyter-config-data").textContent).baseUrl || "/"; } catch (e) { /* default */ }
+    const xsrf = (document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/) || [])[1];
+    try {
+      fetch(`${base.replace(/\/?$/, "/")}voila/api/shutdown/${id}`, {
+        method: "POST", keepalive: true, credentials: "same-origin",
+        headers: xsrf ? { "X-XSRFToken": decodeURIComponent(xsrf) } : {},
+      }).catch(() => {});
+    } catch (e) { /* the page is going away */ }
+  };
+  window.addEventListener("pagehide", leave, { signal });
   return () => {
     release();
     if (zoomUrl) URL.revokeObjectURL(zoomUrl);
