@@ -373,11 +373,16 @@ function render({ model, el: root, signal }) {
     if (!id || !/^[0-9a-f-]{8,64}$/i.test(id)) return;
     let base = "/";
     try { base = JSON.parse(document.getElementById("jupyter-config-data").textContent).baseUrl || "/"; } catch (e) { /* default */ }
+    // a token-authenticated request needs no XSRF token (the page's own URL carries the server's token); else the
+    // _xsrf cookie, when the server set one
+    const headers = {};
+    const token = new URLSearchParams(window.location.search).get("token");
+    if (token) headers["Authorization"] = `token ${token}`;
     const xsrf = (document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/) || [])[1];
+    if (xsrf) headers["X-XSRFToken"] = decodeURIComponent(xsrf);
     try {
       fetch(`${base.replace(/\/?$/, "/")}voila/api/shutdown/${id}`, {
-        method: "POST", keepalive: true, credentials: "same-origin",
-        headers: xsrf ? { "X-XSRFToken": decodeURIComponent(xsrf) } : {},
+        method: "POST", keepalive: true, credentials: "same-origin", headers,
       }).catch(() => {});
     } catch (e) { /* the page is going away */ }
   };
