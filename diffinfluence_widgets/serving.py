@@ -7,9 +7,11 @@ Voila with
 - a random **token** (the printed URL carries it; the token travels in a private config file, not on the
   command line, so other local users cannot read it from the process list);
 - ``show_tracebacks=False`` (errors reach the browser as one line, never as a traceback);
-- **kernel culling**: a kernel with no open page is shut down after ``cull_idle`` seconds idle
-  (``cull_connected=False``), so reloads and closed tabs free their ~0.5–1 GB kernels even though Voila's own
-  shutdown request on page unload is refused (``403 … '_xsrf' argument missing``, voila-dashboards/voila#1458);
+- **freeing a page's kernel when the page goes**: Voila's own shutdown request on page unload is refused
+  (``403 … '_xsrf' argument missing``, voila-dashboards/voila#1458), so the app's gallery sends it again on
+  ``pagehide``, authenticated with the page's token (:func:`~diffinfluence_widgets.app.free_kernel_on_leave`);
+  **kernel culling** stays the fallback: a kernel with no open page is shut down after ``cull_idle`` seconds idle
+  (``cull_connected=False``);
 - **preheated kernels** (a pool of ``pool_size``; the pooled kernel has already run the app, so a page is ready in
   about a second instead of 10–13 s of imports and loading);
 - terminal noise filtered ("not trusted", websocket ping warnings).
@@ -167,7 +169,9 @@ def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | 
 #: TCP-transport warnings are defaults for 127.0.0.1, and we print the URL (with its token) ourselves
 NOISE = re.compile(r"is not trusted|websocket_ping_timeout|WebSocket ping|running over TCP without encryption"
                    r"|Voil[aà] is running at|^\s*http://\S+:\d+/\S*$|token=|Use Control-C to stop"
-                   r"|cookie secret|notebook-signing key|connection files|Serving static files")
+                   r"|cookie secret|notebook-signing key|connection files|Serving static files"
+                   # Voila's own shutdown on unload (refused, voila#1458): the page's gallery sends one that works
+                   r"|'_xsrf' argument missing|POST /voila/api/shutdown/")
 
 
 def descendants(pid: int) -> list[int]:
