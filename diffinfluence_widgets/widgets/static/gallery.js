@@ -374,6 +374,7 @@ function render({ model, el: root, signal }) {
   const leave = () => {
     const id = model.get("voila_kernel_id");
     if (!id || !/^[0-9a-f-]{8,64}$/i.test(id) || pageConfig.appUrl !== "voila/") return;
+    if (pageConfig.kernelId && pageConfig.kernelId !== id) return;  // (Voila's lab template names the page's kernel)
     const base = pageConfig.baseUrl || "/";
     // a token-authenticated request needs no XSRF token (the page's own URL carries the server's token); else the
     // _xsrf cookie, when the server set one
