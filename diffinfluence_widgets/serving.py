@@ -154,8 +154,11 @@ def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | 
             "show_tracebacks": False,
             "preheat_kernel": pool_size > 0,
             "default_pool_size": int(pool_size),
-            # Notebook 7's lab extension cannot load inside Voila (module federation error): leave it out
-            "extension_denylist": ["@jupyter-notebook/lab-extension"],
+            # Notebook 7's lab extension cannot load inside Voila (module federation error): leave it out. The
+            # app draws plotly through its own widget (plotly.js sent over the widget channel once the page is
+            # idle): plotly's lab extension (4.7 MB) and JupyterLab's Voila preview are not needed on the page
+            "extension_denylist": ["@jupyter-notebook/lab-extension", "jupyterlab-plotly",
+                                   "@voila-dashboards/jupyterlab-preview"],
         },
         "MappingKernelManager": {"cull_idle_timeout": int(round(cull_idle)), "cull_interval": int(interval),
                                  "cull_connected": False, "cull_busy": False},

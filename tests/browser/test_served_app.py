@@ -197,6 +197,8 @@ def test_query_labels_invalid_combination_and_consistent_settings(page, served, 
     assert tile_ids and all(t.startswith("#") and " · " in t for t in tile_ids), tile_ids
     assert page.locator(f"{H.GALLERY} .dinf-sign").first.inner_text().count("helped the model make this") == 1
     assert "(1/N) Σ s" in page.locator(f"{H.GALLERY} .dinf-readout").first.inner_text()
+    # plots draw through the app's own plotly widget (plotly's lab extension is left out of the served page)
+    page.wait_for_selector(".dinf-plot-dist .js-plotly-plot .bars path", state="attached", timeout=90_000)
     assert_consistent(page, st)
     queries = backend.queries()
     gen = next(x.id for x in queries if x.kind == "generated")
