@@ -11,7 +11,8 @@ inside: slider → websocket → kernel → session worker → ``backend.search`
     python bench/widgets.py --backend standin       # only the stand-in test double
 
 Prints a summary and writes the "Widgets" section of bench/RESULTS.md (other sections are left as they are).
-Goal: median ≤ 300 ms.
+Goal: median ≤ 300 ms. Page-ready time and peak memory of the served explorer (CLI + Voila + kernels, per
+``--pool-size``): ``bench/serving.py --config demo``.
 """
 from __future__ import annotations
 

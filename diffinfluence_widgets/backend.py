@@ -102,5 +102,7 @@ class InfluenceBackend(Protocol):
     def map_2d(self) -> np.ndarray:
         """``[N, 2]`` coordinates of the projected training gradients (for the 2-D map)."""
 
+    # Optional: ``map_2d_query(query_id) -> [2]``: the query's place on :meth:`map_2d` (its gradient through the
+    # same projection and axes); the gradient map marks the query with it.
     # Optional: ``refine(prepared, damping, k) -> SearchResult`` with ``exact=True``: the method's exact top-k
     # (the session shows it after the instant :meth:`search` answer when the backend has it).

@@ -49,6 +49,19 @@ def _default_threads() -> int:
     return max(1, min(4, cores, int(cores - load + 0.5)))
 
 
+def _pool_size(text: str):
+    """``--pool-size``: ``auto`` or an integer ≥ 0."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 0, got {text!r}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- parser
 #: defaults of the options the demo's evaluation shares with --data (they are None in the parser)
 _DEMO_DEFAULTS = {"seeds": 1, "num_queries": 4, "methods": "ekfac,kfac,trak", "measure_draws": 128, "workers": 1}
@@ -82,7 +95,7 @@ def _add_data_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import CACHE_ENV, DEMO_CONFIGS
+    from .demo_names import CACHE_ENV, CONFIG_NAMES  # no torch: parsing and serving stay light
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("demo build")
-    g.add_argument("--config", choices=sorted(DEMO_CONFIGS), default="demo",
+    g.add_argument("--config", choices=sorted(CONFIG_NAMES), default="demo",
                    help="'demo': 16×16 digits, a few CPU minutes to build; 'tiny': 8×8 digits, seconds "
                         "(default: %(default)s)")
     g.add_argument("--cache-dir", type=Path, default=None,
@@ -121,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cull-idle", type=float, default=60.0, metavar="SECONDS",
                    help="shut down a kernel whose page was closed or reloaded after this many idle seconds "
                         "(default: %(default)s)")
-    s.add_argument("--pool-size", type=int, default=1,
-                   help="kernels kept preheated (the app already run) so a page opens in about a second; 0 "
-                        "starts each page's kernel on demand (10-15 s, less memory) (default: %(default)s)")
+    s.add_argument("--pool-size", type=_pool_size, default="auto",
+                   help="kernels kept preheated (the app already run) so a page opens in seconds; 0 starts each "
+                        "page's kernel on demand (10-15 s, one kernel less: ~0.8 GB for the demo); 'auto': 1 when "
+                        "3 GB of memory are available (cgroup limits included), else 0 (default: %(default)s)")
 
     d = sub.add_parser("demo", parents=[common, serve], formatter_class=fmt,
                        help="build (or reuse) the digits demo and serve the explorer (or --headless: write a report)",
@@ -247,12 +261,15 @@ def cmd_serve(args) -> int:
 def _serve_demo(args) -> int:
     """Check the port, make sure the cache is complete (building it in a child process when it is not), then
     serve. This process never loads the backend: only Voila's kernels do."""
-    from .demo import default_cache_dir, demo_config
+    from .demo_names import check_config_name, default_cache_dir  # never .demo here: it imports torch
     from .serving import ServeError, check_port, stop_process_tree, stop_signals
 
+    from .serving import auto_pool_size
+
     threads = _threads(args)
-    if args.pool_size < 0:
-        raise SystemExit(f"diffinfluence: --pool-size must be 0 or more, got {args.pool_size}")
+    args.pool_auto = args.pool_size == "auto"
+    if args.pool_auto:
+        args.pool_size = auto_pool_size()
     if not args.cull_idle > 0:
         raise SystemExit(f"diffinfluence: --cull-idle must be positive seconds, got {args.cull_idle}")
     try:
@@ -260,10 +277,10 @@ def _serve_demo(args) -> int:
     except ServeError as e:
         print(f"diffinfluence: {e}", file=sys.stderr)
         return 2
-    cfg = demo_config(args.config)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(cfg)
+    name = check_config_name(args.config)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(name)
     # the check needs torch (the settings digest) and a build needs everything: both run in a child process
-    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", cfg.name, str(cache_dir), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "diffinfluence_widgets.serving", name, str(cache_dir), "--threads", str(threads)]
     cmd += (["--rebuild"] if args.rebuild else []) + (["--quiet"] if args.quiet else [])
     cmd += ["--device", args.device] if args.device else []
     child = subprocess.Popen(cmd, start_new_session=True)
@@ -278,7 +295,7 @@ def _serve_demo(args) -> int:
         return 130
     if code != 0:
         return code
-    return _serve(args, cfg.name, cache_dir)
+    return _serve(args, name, cache_dir)
 
 
 def _serve(args, config: str, cache_dir: Path) -> int:
@@ -290,8 +307,10 @@ def _serve(args, config: str, cache_dir: Path) -> int:
                             threads=args.threads)
     server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
                          cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
-    print(f"starting Voila on http://127.0.0.1:{args.port}/ "
-          f"({'preheating the app' if args.pool_size else 'no preheated kernel'}) …", flush=True)
+    spare = "preheating the app" if args.pool_size else "no preheated kernel"
+    if getattr(args, "pool_auto", False) and not args.pool_size:
+        spare += ": less than 3 GB of memory available (--pool-size auto)"
+    print(f"starting Voila on http://127.0.0.1:{args.port}/ ({spare}) …", flush=True)
     stopped = True
     with stop_signals():
         try:
@@ -400,7 +419,7 @@ def cmd_evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .demo import DemoCacheError
+    from .demo_names import DemoCacheError
 
     args = build_parser().parse_args(argv)
     try:

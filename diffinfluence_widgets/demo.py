@@ -39,6 +39,8 @@ import torch
 from ._io import CorruptArtifactError, atomic_write_text as _atomic_write_text, remove_listed_entries
 from .config import DEFAULT_METHODS, Approximation, Fisher, Method, choice
 from .data import load_digits
+from .demo_names import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, CONFIG_NAMES, SMALL_ENV, DemoCacheError,
+                         config_from_env, default_cache_dir)
 from .diffusion import DiffusionModel, resolve_device, train_model
 from .diffusion.model import demo_unet_config, tiny_unet_config
 from .diffusion.train import TrainConfig
@@ -49,23 +51,12 @@ __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "loa
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
 
-#: environment variable naming the parent of the cache folders (default ``./diffinfluence-cache``; the config's
-#: cache is ``<parent>/<config name>``)
-CACHE_ENV = "DIFFINFLUENCE_CACHE"
-#: ``DIFFINFLUENCE_SMALL=1`` makes notebooks and ``config_from_env()`` pick the ``"tiny"`` config
-SMALL_ENV = "DIFFINFLUENCE_SMALL"
-CACHE_FORMAT = "diffinfluence-demo-cache"
-CACHE_VERSION = 1
 STEPS = ("train", "curvature", "index")
 #: every entry of a cache folder the demo writes (names or glob patterns, top level only); recorded in the cache's
 #: manifest, and all that ``rebuild=True`` ever deletes
 DEMO_ENTRIES = ("manifest.json", "last_run.json", "model", "curvature", "index", "train-checkpoint",
                 "curvature-checkpoint", ".tmp-model-*", ".tmp-curvature-*", ".manifest.json.*.tmp",
                 ".last_run.json.*.tmp")
-
-
-class DemoCacheError(RuntimeError):
-    """The cache folder belongs to another demo config (or another version of its settings)."""
 
 
 def _f(default, help: str):
@@ -173,21 +164,6 @@ def demo_config(config: str | DemoConfig = "demo") -> DemoConfig:
     if not isinstance(config, str) or config not in DEMO_CONFIGS:
         raise ValueError(f"unknown demo config {config!r}; expected one of {sorted(DEMO_CONFIGS)}")
     return DEMO_CONFIGS[config]
-
-
-def config_from_env(default: str = "demo") -> str:
-    """``"tiny"`` when ``DIFFINFLUENCE_SMALL`` is set to a true value (1 / true / yes), else ``default``."""
-    return "tiny" if os.environ.get(SMALL_ENV, "").strip().lower() in ("1", "true", "yes", "on") else default
-
-
-def default_cache_dir(config: str | DemoConfig = "demo") -> Path:
-    """``$DIFFINFLUENCE_CACHE/<config name>`` when the variable is set, else ``./diffinfluence-cache/<config name>``.
-
-    The variable names the *parent* folder, so the ``"tiny"`` and ``"demo"`` caches never share a folder.
-    """
-    env = os.environ.get(CACHE_ENV)
-    parent = Path(env).expanduser() if env else Path.cwd() / "diffinfluence-cache"
-    return parent / demo_config(config).name
 
 
 # ---------------------------------------------------------------------------------------------- files

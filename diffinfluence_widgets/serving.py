@@ -7,9 +7,11 @@ Voila with
 - a random **token** (the printed URL carries it; the token travels in a private config file, not on the
   command line, so other local users cannot read it from the process list);
 - ``show_tracebacks=False`` (errors reach the browser as one line, never as a traceback);
-- **kernel culling**: a kernel with no open page is shut down after ``cull_idle`` seconds idle
-  (``cull_connected=False``), so reloads and closed tabs free their ~0.5–1 GB kernels even though Voila's own
-  shutdown request on page unload is refused (``403 … '_xsrf' argument missing``, voila-dashboards/voila#1458);
+- **freeing a page's kernel when the page goes**: Voila's own shutdown request on page unload is refused
+  (``403 … '_xsrf' argument missing``, voila-dashboards/voila#1458), so the app's gallery sends it again on
+  ``pagehide``, authenticated with the page's token (:func:`~diffinfluence_widgets.app.free_kernel_on_leave`);
+  **kernel culling** stays the fallback: a kernel with no open page is shut down after ``cull_idle`` seconds idle
+  (``cull_connected=False``);
 - **preheated kernels** (a pool of ``pool_size``; the pooled kernel has already run the app, so a page is ready in
   about a second instead of 10–13 s of imports and loading);
 - terminal noise filtered ("not trusted", websocket ping warnings).
@@ -37,7 +39,7 @@ from ._io import atomic_write_bytes
 from .app import APP_READY
 
 __all__ = ["ServeError", "check_port", "demo_cache_problem", "voila_config", "VoilaServer", "descendants",
-           "stop_signals"]
+           "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES"]
 
 
 class ServeError(RuntimeError):
@@ -90,6 +92,49 @@ def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- memory
+#: memory ``--pool-size auto`` asks for before keeping a preheated spare kernel: the open page's kernel, the spare,
+#: and a reloaded page's old kernel that waits for culling (Voila's shutdown on unload is refused), ~0.8 GB each on
+#: the demo (bench/RESULTS.md), plus Voila and the command line (~0.17 GB) and a margin
+SPARE_NEEDS_BYTES = 3 << 30
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process tree may still use: ``MemAvailable``, lowered to the cgroup's limit minus its usage
+    (containers, Binder: cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``). ``None`` where unknown."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < (1 << 60):  # "max" / a huge value: no limit
+            room = max(0, limit - usage)
+            avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
+def auto_pool_size(avail: int | None = None) -> int:
+    """``--pool-size auto``: one preheated spare kernel (a page ready in ~1-5 s instead of 10-15 s) when
+    :data:`SPARE_NEEDS_BYTES` are available, else none (a 1-2 GB Binder or classroom VM: one kernel per page)."""
+    avail = available_memory() if avail is None else avail
+    return 1 if avail is not None and avail >= SPARE_NEEDS_BYTES else 0
+
+
 # ---------------------------------------------------------------------------------------------- Voila
 #: seconds Voila waits before refilling the kernel pool after a page took the preheated kernel
 FILL_DELAY_S = 6.0
@@ -109,8 +154,11 @@ def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | 
             "show_tracebacks": False,
             "preheat_kernel": pool_size > 0,
             "default_pool_size": int(pool_size),
-            # Notebook 7's lab extension cannot load inside Voila (module federation error): leave it out
-            "extension_denylist": ["@jupyter-notebook/lab-extension"],
+            # Notebook 7's lab extension cannot load inside Voila (module federation error): leave it out. The
+            # app draws plotly through its own widget (plotly.js sent over the widget channel once the page is
+            # idle): plotly's lab extension (4.7 MB) and JupyterLab's Voila preview are not needed on the page
+            "extension_denylist": ["@jupyter-notebook/lab-extension", "jupyterlab-plotly",
+                                   "@voila-dashboards/jupyterlab-preview"],
         },
         "MappingKernelManager": {"cull_idle_timeout": int(round(cull_idle)), "cull_interval": int(interval),
                                  "cull_connected": False, "cull_busy": False},
@@ -124,7 +172,9 @@ def voila_config(token: str, *, cull_idle: float = 60.0, cull_interval: float | 
 #: TCP-transport warnings are defaults for 127.0.0.1, and we print the URL (with its token) ourselves
 NOISE = re.compile(r"is not trusted|websocket_ping_timeout|WebSocket ping|running over TCP without encryption"
                    r"|Voil[aà] is running at|^\s*http://\S+:\d+/\S*$|token=|Use Control-C to stop"
-                   r"|cookie secret|notebook-signing key|connection files|Serving static files")
+                   r"|cookie secret|notebook-signing key|connection files|Serving static files"
+                   # Voila's own shutdown on unload (refused, voila#1458): the page's gallery sends one that works
+                   r"|'_xsrf' argument missing|POST /voila/api/shutdown/")
 
 
 def descendants(pid: int) -> list[int]:
@@ -342,7 +392,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    from .demo import DemoCacheError
+    from .demo_names import DemoCacheError
 
     try:
         prepare_cache(a.config, a.cache_dir, threads=a.threads, rebuild=a.rebuild, quiet=a.quiet, device=a.device)

@@ -414,6 +414,12 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
             self._map = np.asarray(self.backend.map_2d(), dtype=np.float64)
         return self._map
 
+    def map_query(self, query_id: int | None = None) -> np.ndarray | None:
+        """``[2]``: the query's place on :meth:`map_2d` (``None`` when the backend cannot place it). Blocking."""
+        fn = getattr(self.backend, "map_2d_query", None)
+        return None if fn is None else np.asarray(fn(int(self.query_id if query_id is None else query_id)),
+                                                  dtype=np.float64).reshape(2)
+
     def compare(self, method_a: str, method_b: str, damping_a: float | None = None,
                 damping_b: float | None = None) -> CompareResult:
         """Two methods on the current query side by side (each at its own family's damping). Blocking."""

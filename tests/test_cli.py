@@ -180,6 +180,64 @@ def test_serve_runs_voila_on_localhost(cache):
         assert noise not in text, text
 
 
+def test_parsing_imports_no_torch():
+    """Argument parsing (every command) and the serving module load neither torch nor diffusers."""
+    code = ("import sys; from diffinfluence_widgets import cli, serving, demo_names; p = cli.build_parser(); "
+            "[p.parse_args([c]) for c in ('demo', 'serve', 'build', 'train', 'evaluate')]; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_pool_size_auto_keeps_a_spare_only_with_room(monkeypatch):
+    """--pool-size: 'auto' or an integer ≥ 0; auto keeps a preheated spare only with SPARE_NEEDS_BYTES free, and
+    reads a container's cgroup limit (a 2 GB Binder has no room for page kernel + spare + a kernel awaiting culling)."""
+    from diffinfluence_widgets import serving
+    from diffinfluence_widgets.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["serve"]).pool_size == "auto"
+    assert p.parse_args(["serve", "--pool-size", "2"]).pool_size == 2
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "--pool-size", bad])
+    assert serving.auto_pool_size(serving.SPARE_NEEDS_BYTES) == 1
+    assert serving.auto_pool_size(2 << 30) == 0
+    files = {"/sys/fs/cgroup/memory.max": "2147483648\n", "/sys/fs/cgroup/memory.current": "1073741824\n"}
+    monkeypatch.setattr(serving, "_read_int", lambda path: int(files[path]) if files.get(path, "x")[0].isdigit()
+                        else None)
+    assert serving.available_memory() <= 1 << 30 and serving.auto_pool_size() == 0
+    files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: /proc/meminfo decides
+    assert serving.available_memory() is None or serving.available_memory() > 1 << 30
+
+
+SERVE_LIGHT = """
+import json, sys
+from diffinfluence_widgets import cli
+code = cli.main(sys.argv[1:])
+hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) // 1024
+heavy = sorted(m for m in ('torch', 'diffusers', 'numpy', 'faiss', 'PIL') if m in sys.modules)
+print('SERVE-LIGHT ' + json.dumps({'code': code, 'heavy': heavy, 'peak_mb': hwm}))
+"""
+
+
+@pytest.mark.slow
+def test_serve_process_imports_no_torch(cache):
+    """The command line that waits on Voila holds no backend: parsing, the port check, the cache check (a child
+    process), writing the app and running Voila leave torch, diffusers and numpy out of its ``sys.modules``."""
+    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+    p = subprocess.run([sys.executable, "-c", SERVE_LIGHT, "serve", "--config", "tiny", "--cache-dir", str(cache),
+                        "--threads", "1", "--quiet", "--port", str(_free_port()), "--pool-size", "0",
+                        "--exit-after", "0.5"], capture_output=True, text=True, timeout=300, env=ENV)
+    line = [x for x in p.stdout.splitlines() if x.startswith("SERVE-LIGHT ")]
+    assert line, p.stdout + p.stderr
+    out = json.loads(line[-1].split(" ", 1)[1])
+    assert out["code"] == 0, p.stdout + p.stderr
+    assert "The explorer is ready" in p.stdout  # Voila really ran
+    assert out["heavy"] == [], out
+    print(f"serving CLI peak RSS {out['peak_mb']} MB")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGHUP", "SIGINT"])
 def test_serve_stops_everything_on_hangup_and_interrupt(cache, signame):

@@ -76,6 +76,26 @@ def test_digits_range_ids_and_sizes():
     assert torch.allclose(d16.images.mean((1, 2, 3)), d8.by_ids(d16.ids).mean((1, 2, 3)), atol=0.05)
 
 
+def test_digits_read_without_sklearn_equal_sklearns():
+    """The digits are read from scikit-learn's bundled CSV without importing sklearn.datasets (kernel memory);
+    pixels and classes equal sklearn's own loader, and the import stays out of sys.modules."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sk_load
+
+    from diffinfluence_widgets.data.digits import _raw_digits
+
+    images, labels = _raw_digits()
+    sk = sk_load()
+    assert torch.equal(images[:, 0] * 16.0, torch.from_numpy(sk.images.astype(np.float32)))
+    assert torch.equal(labels, torch.from_numpy(sk.target.astype(np.int64)))
+    code = ("import sys; from diffinfluence_widgets.data import load_digits; load_digits(8, limit=4); "
+            "print('sklearn.datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_digits_split_disjoint_stable_stratified():
     tr, ho = digits_split_ids("train"), digits_split_ids("heldout")
     assert set(tr.tolist()).isdisjoint(ho.tolist()) and len(tr) + len(ho) == 1797

@@ -38,6 +38,17 @@ def test_config_switch_and_default_cache(monkeypatch, tmp_path):
     assert default_cache_dir("demo") == tmp_path / "c" / "demo"
     assert DEMO_CONFIGS["tiny"].digest() != DEMO_CONFIGS["demo"].digest()
     assert DEMO_CONFIGS["tiny"].replace(k=512).digest() != DEMO_CONFIGS["tiny"].digest()
+    assert default_cache_dir(DEMO_CONFIGS["tiny"].replace(name="mine")) == tmp_path / "c" / "mine"
+    with pytest.raises(ValueError, match=r"unknown demo config 'huge'"):
+        default_cache_dir("huge")
+
+
+def test_light_names_agree_with_the_configs():
+    """The torch-free names the command line parses with (demo_names) are the configs the build knows."""
+    from diffinfluence_widgets import demo_names
+
+    assert sorted(demo_names.CONFIG_NAMES) == sorted(DEMO_CONFIGS)
+    assert all(name == cfg.name for name, cfg in DEMO_CONFIGS.items())
 
 
 def test_first_build_makes_a_working_backend(tiny_cache):

@@ -432,8 +432,20 @@ def test_backend_trak_family_matches_closed_form_and_reuses_stores(tiny_setup, m
     calls = []
     real = grads.per_example_gradients
     monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _backend(tiny_setup, methods=("ekfac", "trak", "dtrak"))
+    again = _backend(tiny_setup, methods=("ekfac", "trak", "dtrak", "journey_trak"))
     assert calls == []
+    # reopened: the [k, k] eigenvectors wait for the method's first query; the damping comes from the cached
+    # spectrum alone and equals the full scorer's; TRAK and Journey-TRAK share one scorer (one loss store)
+    from diffinfluence_widgets.influence.preconditioners import trak as trak_pre
+
+    assert not any(id(st) in trak_pre._SCORERS for st in again.stores.values())
+    for m in ("trak", "dtrak", "journey_trak"):
+        assert again.default_damping[m] == pytest.approx(b.default_damping[m], rel=1e-12)
+        assert again.default_damping[m] == pytest.approx(again.preconditioners[m].scorer.default_damping(), rel=1e-12)
+    assert again.preconditioners["trak"].scorer is again.preconditioners["journey_trak"].scorer
+    assert again.preconditioners["dtrak"].scorer is not again.preconditioners["trak"].scorer
+    p2 = again.prepare(gen.id, "loss", "trak")
+    assert np.array_equal(again.scores(p2, 1.0), b.scores(b.prepare(gen.id, "loss", "trak"), 1.0))
 
 
 def test_identity_preconditioner_is_the_plain_gradient_dot_product(tiny_setup):
@@ -492,3 +504,26 @@ def test_one_damping_rule_on_every_backend_path(tiny_setup, bad):
         b.exact_scores(b.prepare(qid, "loss", "ekfac"), bad, b.train_ids[:2])
     with pytest.raises(ValueError, match="damping"):
         TRAKScorer(np.eye(3)).query_feature(np.ones(3), bad)
+
+
+def test_query_on_the_gradient_map_uses_the_training_points_axes(tiny_setup):
+    """map_2d_query places a query with its loss gradient through the same projection, centring and principal
+    axes as map_2d's training points (checked against an independent SVD, axes up to sign), for held-out and
+    generated queries alike."""
+    b = _backend(tiny_setup, methods=("ekfac",))
+    x = b.stores["loss"].arrays["features"].astype(np.float64)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    xy = b.map_2d()
+    signs = np.sign(np.sum(xy * ((x - mean) @ vt[:2].T), axis=0))
+    assert np.allclose(xy, signs * ((x - mean) @ vt[:2].T), atol=1e-8 * np.abs(xy).max())
+    kinds = set()
+    for q in b.queries():
+        g = b.query_gradients(q.id, "loss")
+        whole = {n: g.band_layers[n][:, 0].double().sum(0)[None] if g.band_layers is not None else g.layers[n].double()
+                 for n in b.layer_names}
+        phi = b.projector.project(whole)[0].double().numpy()
+        expect = signs * ((phi - mean) @ vt[:2].T)
+        assert np.allclose(b.map_2d_query(q.id), expect, rtol=1e-6, atol=1e-8 * np.abs(xy).max()), q.kind
+        kinds.add(q.kind)
+    assert kinds == {"heldout", "generated"}

@@ -7,6 +7,7 @@ JavaScript is covered by the browser tests.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,29 @@ def test_notebooks_are_saved_without_outputs():
     for p in NOTEBOOKS:
         nb = nbformat.read(str(p), as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{p.name} has outputs"
+
+
+def test_app_kernel_gives_memory_back_after_each_request(monkeypatch):
+    """The served app trims the heap after every request (busy or refining turning false), and only then."""
+    import traitlets
+
+    from diffinfluence_widgets import app
+
+    calls = []
+    monkeypatch.setattr(app, "_malloc_trim", lambda: calls.append)
+
+    class Session(traitlets.HasTraits):
+        busy = traitlets.Bool(False)
+        refining = traitlets.Bool(False)
+
+    s = Session()
+    assert app.give_back_memory(s)
+    s.busy = True
+    s.refining = True
+    assert calls == []
+    s.busy = False
+    s.refining = False
+    assert calls == [0, 0]
+    assert "give_back_memory(explorer.session)" in app._source(None, None, None)
+    if sys.platform.startswith("linux"):
+        assert app._malloc_trim() is not None  # the real glibc function

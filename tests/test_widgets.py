@@ -8,6 +8,7 @@ import math
 import re
 from html import unescape
 
+import numpy as np
 import pytest
 from ipywidgets.widgets.widget import _remove_buffers
 
@@ -118,6 +119,16 @@ def test_gallery_selection_and_map_link(session):
     assert scores[0] == session.result.all_scores[pos]
     m.view._on_custom_msg(m.view, {"type": "select", "customdata": []}, [])
     assert g.chosen == []
+    # the query is marked where its own gradient falls on the same axes, and the mark follows a query change
+    q = m._trace("query")
+    assert np.allclose([q.x[0], q.y[0]], session.map_query()) and list(q.customdata) == [session.query_id]
+    assert f"data-query='{session.query_id}'" in m.note.value
+    before = (q.x[0], q.y[0])
+    other_q = next(it.id for it in session.backend.queries() if it.id != session.query_id)
+    session.query_id = other_q  # (threaded=False: the result and the map's redraw happen inline)
+    q = m._trace("query")
+    assert list(q.customdata) == [other_q] and np.allclose([q.x[0], q.y[0]], session.map_query(other_q))
+    assert (q.x[0], q.y[0]) != before
 
 
 def test_gallery_shows_errors():

@@ -396,8 +396,26 @@ class IndexBackend:
         """``[N, 2]``: the first two principal components of the stored (parameter-space) projected gradients."""
         if self._map2d is None:
             x = self.stores["loss"].arrays["features"].astype(np.float64)
-            x = x - x.mean(0)
+            mean = x.mean(0)
+            x = x - mean
             # principal axes from the k × k covariance (cheap for N ≫ k as well)
             w, v = np.linalg.eigh(x.T @ x)
-            self._map2d = x @ v[:, ::-1][:, :2]
+            axes = np.ascontiguousarray(v[:, ::-1][:, :2])
+            self._map2d, self._map_basis = x @ axes, (mean, axes)
         return self._map2d
+
+    def map_2d_query(self, query_id: int) -> np.ndarray:
+        """``[2]``: where a query (held-out or generated) sits on :meth:`map_2d`: its loss gradient, projected by
+        the store's projection ``R`` and the same centring and principal axes as the training points (cached)."""
+        self.map_2d()
+        cache = self.__dict__.setdefault("_map_query", {})
+        if int(query_id) not in cache:
+            g = self.query_gradients(int(query_id), "loss")
+            if g.band_layers is not None:  # the backend's whole query is the sum of its band parts
+                whole = {n: g.band_layers[n][:, 0].double().sum(0)[None] for n in self.layer_names}
+            else:
+                whole = {n: g.layers[n].double() for n in self.layer_names}
+            phi = self.projector.project(whole)[0].double().numpy()
+            mean, axes = self._map_basis
+            cache[int(query_id)] = (phi - mean) @ axes
+        return cache[int(query_id)]

@@ -64,8 +64,7 @@ class TRAKScorer:
         """Build from a :class:`~diffinfluence_widgets.store.ProjectedStore`; the eigendecomposition is cached in
         the store folder (keyed by the shards' checksums, written atomically)."""
         feats = store.arrays[array]
-        key = hashlib.sha256("".join(s["sha256"] for s in store.manifest["shards"]).encode() + array.encode())
-        path = Path(store.path) / f"trak-gram-eigh-{key.hexdigest()[:16]}.npz"
+        path = cls.cache_path(store, array)
         if cache and path.is_file():
             try:
                 with np.load(path) as z:
@@ -84,13 +83,37 @@ class TRAKScorer:
             atomic_write_bytes(path, buf.getvalue())
         return out
 
+    @staticmethod
+    def cache_path(store, array: str = "features") -> Path:
+        """Where :meth:`from_store` caches the eigendecomposition of ``store``'s ``array``."""
+        key = hashlib.sha256("".join(s["sha256"] for s in store.manifest["shards"]).encode() + array.encode())
+        return Path(store.path) / f"trak-gram-eigh-{key.hexdigest()[:16]}.npz"
+
+    @classmethod
+    def cached_spectrum(cls, store, array: str = "features") -> np.ndarray | None:
+        """The eigenvalues σ of ΦᵀΦ from :meth:`from_store`'s cache, read without the ``[k, k]`` eigenvectors
+        (``k = 4096``: 134 MB); ``None`` when there is no readable cache. Not checked against the cache's digest
+        (that needs the eigenvectors): :meth:`from_store` checks the whole file when the eigenvectors are loaded."""
+        path = cls.cache_path(store, array)
+        try:
+            with np.load(path) as z:  # an .npz is read member by member: only sigma is decompressed
+                sigma = np.asarray(z["sigma"], dtype=np.float64)
+        except Exception:  # missing, truncated, unreadable: the caller builds the scorer the slow way
+            return None
+        return sigma if sigma.ndim == 1 else None
+
+    @staticmethod
+    def damping_from_spectrum(sigma: np.ndarray, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
+        """:meth:`default_damping` for the eigenvalues ``sigma``."""
+        return float(relative * max(np.asarray(sigma).mean(), np.finfo(np.float64).tiny))
+
     @property
     def k(self) -> int:
         return int(self.u.shape[0])
 
     def default_damping(self, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
         """``relative`` × the mean eigenvalue of ΦᵀΦ (the baselines need a swept λ; this is the sweep's centre)."""
-        return float(relative * max(self.sigma.mean(), np.finfo(np.float64).tiny))
+        return self.damping_from_spectrum(self.sigma, relative)
 
     def rotate(self, query_features: np.ndarray) -> np.ndarray:
         """``Uᵀ φ_q`` (``[..., k]``, float64): do once per query."""

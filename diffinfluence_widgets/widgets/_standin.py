@@ -126,6 +126,13 @@ class StandInBackend:
         _, _, vt = np.linalg.svd(g, full_matrices=False)
         return g @ vt[:2].T
 
+    def map_2d_query(self, query_id: int) -> np.ndarray:
+        """The query's "gradient" (its image through the stand-in's feature map), on the same axes as map_2d."""
+        g = self._G - self._G.mean(0)
+        _, _, vt = np.linalg.svd(g, full_matrices=False)
+        q = self._W @ self._query(int(query_id)).image.reshape(-1).astype(np.float64)
+        return (q - self._G.mean(0)) @ vt[:2].T
+
     # ------------------------------------------------------------------ query side
     def prepare(self, query_id: int, measurement: str, method: str,
                 band: tuple[int, int] | None = None) -> PreparedQuery:

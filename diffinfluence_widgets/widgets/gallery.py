@@ -73,6 +73,9 @@ class InfluenceGallery(anywidget.AnyWidget):
     chosen_thumbs = traitlets.List(traitlets.Bytes()).tag(sync=True)
     #: the most images a lasso lists (their thumbnails travel in one message)
     MAX_CHOSEN = 48
+    #: set by the served app (``app.free_kernel_on_leave``): when the page is left or reloaded, the browser asks
+    #: Voila to shut this kernel down, with the XSRF token Voila's own unload request lacks (voila#1458)
+    voila_kernel_id = traitlets.Unicode("").tag(sync=True)
 
     def __init__(self, session: AttributionSession | None = None, *, page_size: int = 12, show_query: bool = True,
                  **kwargs):

@@ -295,8 +295,9 @@ class BandProfile(_View):
 
 class GradientMap(_View):
     """2-D map of the projected training gradients (their first two principal directions), points coloured by
-    class; the query's top-k highlighted. Click selects a training image in the gallery, hovering previews it there
-    (plotly tooltips cannot show images), and a lasso / box selection lists the chosen images in the gallery."""
+    class; the query marked (its loss gradient through the same projection and axes) and its top-k highlighted.
+    Click selects a training image in the gallery, hovering previews it there (plotly tooltips cannot show images),
+    and a lasso / box selection lists the chosen images in the gallery."""
 
     channel = "map"
     #: one colour per class (categorical, colour-blind safe first)
@@ -329,7 +330,11 @@ class GradientMap(_View):
     def _compute(self):
         xy = self.session.map_2d()
         r = self.session.result
-        return xy, r
+        try:  # the query's own gradient (cached per query by the backend); no marker if it cannot be placed
+            q = None if r is None else self.session.map_query(r.query_id)
+        except Exception:
+            q = None
+        return xy, r, q
 
     def _build_base(self, xy) -> None:
         from .reading import train_labels
@@ -347,6 +352,8 @@ class GradientMap(_View):
                                      name="training images" if lab is None else f"class {lab}",
                                      marker=dict(color=colour, size=6, opacity=0.55),
                                      hovertemplate="training image %{customdata}<extra>%{fullData.name}</extra>"))
+        traces.append(go.Scatter(x=[], y=[], customdata=[], mode="markers", name="query", hoverinfo="skip",
+                                 marker=dict(color="#111111", size=16, symbol="x-thin", line=dict(width=3))))
         for name, colour, size, sym in (("top-k proponents", PRO, 12, "circle-open"),
                                         ("top-k opponents", OPP, 12, "circle-open"),
                                         ("selected", "#f0a202", 18, "star")):
@@ -355,25 +362,30 @@ class GradientMap(_View):
                                      hovertemplate="training image %{customdata}<extra>" + name + "</extra>"))
         self.fig.data = []
         self.fig.add_traces(traces)
-        self._base = list(range(len(traces) - 3))
+        self._base = list(range(len(traces) - 4))
         self._base_ready = True
 
     def _trace(self, name: str):
         return next(t for t in self.fig.data if t.name == name)
 
     def _draw(self, data):
-        xy, r = data
+        xy, r, q = data
         if not self._base_ready:
             self._build_base(xy)
+        self._trace("query").update(x=[] if q is None else [float(q[0])], y=[] if q is None else [float(q[1])],
+                                    customdata=[] if q is None else [r.query_id])
         for name, lst in (("top-k proponents", r.proponents), ("top-k opponents", r.opponents)):
             pos = self.session.train_position([i.id for i in lst])
             self._trace(name).update(x=xy[pos, 0], y=xy[pos, 1], customdata=[i.id for i in lst])
         self._draw_selected(xy)
 
     def _note(self, data):
-        xy, r = data
-        return (f"<small>{len(xy)} training images coloured by class; rings: the top {r.k} proponents (red) and "
-                f"opponents (blue) of query {r.query_id} ({r.method}, λ = {r.damping:.3g})</small>")
+        xy, r, q = data
+        mark = ("" if q is None else f"<span class='dinf-map-query' data-query='{r.query_id}' "
+                f"data-xy='{float(q[0]):.6g},{float(q[1]):.6g}'>✕ query {r.query_id} (its loss gradient, "
+                "projected the same way)</span>; ")
+        return (f"<small>{len(xy)} training images coloured by class; {mark}rings: the top {r.k} proponents (red) "
+                f"and opponents (blue) of query {r.query_id} ({r.method}, λ = {r.damping:.3g})</small>")
 
     def _draw_selected(self, xy=None):
         xy = self.session.map_2d() if xy is None else xy

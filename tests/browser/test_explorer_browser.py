@@ -9,6 +9,7 @@ import json
 import time
 from html import unescape
 
+import numpy as np
 import pytest
 
 import harness as H
@@ -268,6 +269,24 @@ def test_voila_plots_map_selection_compare(page, voila, browser, backend):
     zoom_text = page.inner_text(f"{H.GALLERY} .dinf-zoom-text")
     assert f"training image {zid}" in zoom_text
     H.screenshot(page, "voila-05-map-selection", ".dinf-plot-map")
+    # the query is marked (✕, the trace before the three highlight traces) and the mark moves with the query
+    marker = ".dinf-plot-map .js-plotly-plot .scatterlayer .trace:nth-last-of-type(4) path.point"
+    page.wait_for_selector(marker, state="attached", timeout=60_000)
+    note = ".dinf-plot-map .dinf-map-query"
+    first = page.get_attribute(note, "data-query"), page.get_attribute(note, "data-xy")
+    assert int(first[0]) == H.python_status(page)["query_id"]
+    assert np.allclose([float(v) for v in first[1].split(",")], backend.map_2d_query(int(first[0])), rtol=1e-4)
+    where = page.get_attribute(marker, "transform")
+    other = next(q.id for q in backend.queries() if q.id != int(first[0]))
+    page.locator(f".dinf-picker .dinf-query[data-id='{other}']").scroll_into_view_if_needed()
+    page.click(f".dinf-picker .dinf-query[data-id='{other}']")
+    page.wait_for_function("([sel, q]) => { const e = document.querySelector(sel); "
+                           "return e && e.dataset.query === q; }", arg=[note, str(other)], timeout=90_000)
+    xy = [float(v) for v in page.get_attribute(note, "data-xy").split(",")]
+    assert np.allclose(xy, backend.map_2d_query(other), rtol=1e-4) and page.get_attribute(note, "data-xy") != first[1]
+    page.wait_for_selector(marker, state="attached")
+    page.wait_for_function("([sel, t]) => { const e = document.querySelector(sel); return e && "
+                           "e.getAttribute('transform') !== t; }", arg=[marker, where], timeout=30_000)
     # compare mode
     page.click(".dinf-tabs .lm-TabBar-tab:has-text('Compare')")
     page.wait_for_selector(".dinf-agreement [data-metric='spearman']", timeout=60_000)

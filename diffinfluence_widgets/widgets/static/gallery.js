@@ -366,6 +366,30 @@ function render({ model, el: root, signal }) {
   drawQuery();
   draw();
   drawSelected();
+  // Served app: leaving or reloading the page frees its kernel at once. Voila's own shutdown request on unload is
+  // refused (no XSRF token: voila#1458), which left each reloaded page's kernel alive until culled.
+  // Only on a Voila page (its page config says appUrl "voila/"): the same app opened in JupyterLab keeps its kernel.
+  let pageConfig = {};
+  try { pageConfig = JSON.parse(document.getElementById("jupyter-config-data").textContent); } catch (e) { /* none */ }
+  const leave = () => {
+    const id = model.get("voila_kernel_id");
+    if (!id || !/^[0-9a-f-]{8,64}$/i.test(id) || pageConfig.appUrl !== "voila/") return;
+    if (pageConfig.kernelId && pageConfig.kernelId !== id) return;  // (Voila's lab template names the page's kernel)
+    const base = pageConfig.baseUrl || "/";
+    // a token-authenticated request needs no XSRF token (the page's own URL carries the server's token); else the
+    // _xsrf cookie, when the server set one
+    const headers = {};
+    const token = new URLSearchParams(window.location.search).get("token");
+    if (token) headers["Authorization"] = `token ${token}`;
+    const xsrf = (document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/) || [])[1];
+    if (xsrf) headers["X-XSRFToken"] = decodeURIComponent(xsrf);
+    try {
+      fetch(`${base.replace(/\/?$/, "/")}voila/api/shutdown/${id}`, {
+        method: "POST", keepalive: true, credentials: "same-origin", headers,
+      }).catch(() => {});
+    } catch (e) { /* the page is going away */ }
+  };
+  window.addEventListener("pagehide", leave, { signal });
   return () => {
     release();
     if (zoomUrl) URL.revokeObjectURL(zoomUrl);
