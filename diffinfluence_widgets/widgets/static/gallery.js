@@ -95,7 +95,8 @@ function render({ model, el: root, signal }) {
     const { role, id, score, rank, label } = tile.dataset;
     zoomImg.src = tile.querySelector("img").src;
     zoomImg.alt = `${role} ${rank}: training image ${id}`;
-    zoomText.textContent = `${role} #${rank} · training image ${id}${label ? " (class " + label + ")" : ""} · score ${tile.dataset.scoreText}`;
+    zoomText.textContent = `${role} #${rank} · training image ${id}${label ? " (class " + label + ")" : ""} · score ${fmt(Number(score))}`;
+    zoomText.title = `exact score ${tile.dataset.scoreText}`;
     zoom.hidden = false;
     zoom.dataset.id = id;
     zoom.dataset.pinned = pin ? "1" : "";
@@ -241,6 +242,7 @@ function render({ model, el: root, signal }) {
     previewUrl = blobUrl(dv);
     zoomImg.src = previewUrl;
     zoomText.textContent = model.get("preview_text") || "";
+    zoomText.title = "";
     zoom.hidden = false;
     zoom.dataset.id = "";
   }
@@ -286,6 +288,7 @@ function render({ model, el: root, signal }) {
       zoomImg.src = zoomUrl;
       zoomImg.alt = `training image ${sel}`;
       zoomText.textContent = model.get("selected_text") || `training image ${sel}`;
+      zoomText.title = "";
       zoom.hidden = false;
       zoom.dataset.id = String(sel);
       zoom.dataset.pinned = "1";
