@@ -8,7 +8,7 @@ from torch import nn
 
 from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.influence.gradients import iter_gradients, per_example_gradients
-from diffinfluence_widgets.influence.wgrad import add_conv_per_example_, add_linear_per_example_
+from diffinfluence_widgets.influence.wgrad import add_conv_per_example_, add_input_covariance_, add_linear_per_example_
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -90,3 +90,26 @@ def test_out_reuse_equals_fresh_result():
         per_example_gradients(model, imgs[3:], [3, 4, 5], num_draws=2, out=first, bands=[(0, 1000)])
     with pytest.raises(TypeError, match="LayerGradients"):
         per_example_gradients(model, imgs[3:], [3, 4, 5], num_draws=2, out={"a": 1})
+
+
+@pytest.mark.parametrize("kernel,padding,stride,dilation", [(3, 1, 1, 1), (1, 0, 1, 1), (3, 1, 2, 1), (3, 2, 1, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_covariance_equals_unfold_reference(kernel, padding, stride, dilation, channels_last):
+    """K-FAC-expand's A statistic from the chunked im2col equals Σ a aᵀ over F.unfold's patches."""
+    torch.manual_seed(2)
+    m = nn.Conv2d(3, 5, kernel, padding=padding, stride=stride, dilation=dilation).to(DT)
+    x = torch.randn(5, 3, 7, 6, dtype=DT)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, d, R]
+    a2 = a.transpose(1, 2).reshape(-1, a.shape[1])
+    acc = torch.full((a.shape[1] + 1, a.shape[1] + 1), 2.0, dtype=DT)
+    col_sum, count = add_input_covariance_(acc, m, x, workspace_bytes=1)  # one row per workspace chunk
+    assert torch.allclose(acc[:-1, :-1], a2.T @ a2 + 2, rtol=1e-12, atol=1e-12)
+    assert torch.equal(acc[-1], torch.full_like(acc[-1], 2.0))  # the bias row is the caller's
+    assert torch.allclose(col_sum, a2.sum(0), rtol=1e-12, atol=1e-12) and count == a2.shape[0]
+    lin = nn.Linear(4, 2).to(DT)
+    xl = torch.randn(3, 5, 4, dtype=DT)
+    acc = torch.zeros(5, 5, dtype=DT)
+    col_sum, count = add_input_covariance_(acc, lin, xl)
+    assert torch.allclose(acc[:4, :4], xl.reshape(-1, 4).T @ xl.reshape(-1, 4), rtol=1e-12) and count == 15

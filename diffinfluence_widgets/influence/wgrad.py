@@ -25,7 +25,8 @@ import threading
 import torch
 from torch import nn
 
-__all__ = ["add_conv_per_example_", "add_linear_per_example_", "release_workspaces", "DEFAULT_WORKSPACE_BYTES"]
+__all__ = ["add_conv_per_example_", "add_linear_per_example_", "add_input_covariance_", "release_workspaces",
+           "DEFAULT_WORKSPACE_BYTES"]
 
 #: size of the im2col workspace: a few examples' unfolded inputs, small enough to stay in cache
 DEFAULT_WORKSPACE_BYTES = 8 << 20
@@ -126,12 +127,8 @@ def _add_strided_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
     kh, kw = m.kernel_size
     R = h_o * w_o
     d_in = c_in * kh * kw
-    (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
-    xp = x
-    if ph or pw:  # zero-padded copy in a reused buffer (F.pad would allocate a fresh one every call)
-        xp = _workspace(x, "x_pad", rows, c_in, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
-        xp.zero_()
-        xp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]].copy_(x)
+    (sh, sw), (dh, dw) = m.stride, m.dilation
+    xp = _padded_input(m, x)  # zero-padded copy in a reused buffer (F.pad would allocate a fresh one every call)
     sN, sC, sH, sW = xp.stride()
     g_cols = _fold_rows(g.reshape(rows, c_out, R), B, k, "b")  # [B, C_out, k·R]
     chunk = _chunk(B, k * d_in * R * x.element_size(), workspace_bytes)
@@ -149,3 +146,53 @@ def _add_strided_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
 
 def _chunk(B: int, bytes_per_example: int, workspace_bytes: int) -> int:
     return max(1, min(B, int(workspace_bytes) // max(1, bytes_per_example)))
+
+
+def _padded_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    (ph, pw) = m.padding
+    if not (ph or pw):
+        return x
+    xp = _workspace(x, "x_pad", x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    xp.zero_()
+    xp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]].copy_(x)
+    return xp
+
+
+def add_input_covariance_(acc: torch.Tensor, m: nn.Module, x: torch.Tensor, *,
+                          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[torch.Tensor, int]:
+    """``acc[:d_in, :d_in] += Σ_rows Σ_r a_r a_rᵀ`` (K-FAC-expand's A statistic, without the bias row) for one call
+    of a Conv2d / Linear layer with input ``x``; returns ``(Σ a_r, number of rows × positions)`` for the bias row.
+
+    A convolution's patches are unfolded a few rows at a time into the reused workspace, laid out ``[d_in, rows·R]``
+    so that each chunk is one GEMM (no im2col of the whole batch, no transposed copy of it); the products are formed
+    in ``x``'s dtype and summed into ``acc`` in its own (float64 for the factors).
+    """
+    if isinstance(m, nn.Linear):
+        a = x.reshape(-1, x.shape[-1])
+        d_in = a.shape[1]
+        prod = a.T @ a
+        acc[:d_in, :d_in] += prod.to(acc.dtype)
+        return a.sum(0).to(acc.dtype), a.shape[0]
+    rows, c_in = x.shape[:2]
+    kh, kw = m.kernel_size
+    (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
+    h_o = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_o = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    R = h_o * w_o
+    d_in = c_in * kh * kw
+    xp = _padded_input(m, x)
+    sN, sC, sH, sW = xp.stride()
+    chunk = _chunk(rows, d_in * R * x.element_size(), workspace_bytes)
+    col_sum = torch.zeros(d_in, dtype=acc.dtype, device=acc.device)
+    for r0 in range(0, rows, chunk):
+        n = min(rows, r0 + chunk) - r0
+        patches = xp.as_strided((c_in, kh, kw, n, h_o, w_o), (sC, sH * dh, sW * dw, sN, sH * sh, sW * sw),
+                                xp.storage_offset() + r0 * sN)
+        w = _workspace(x, "cols", d_in, n * R)
+        w.view(c_in, kh, kw, n, h_o, w_o).copy_(patches)
+        if acc.dtype == w.dtype:
+            acc[:d_in, :d_in].addmm_(w, w.T)
+        else:
+            acc[:d_in, :d_in] += (w @ w.T).to(acc.dtype)
+        col_sum += w.sum(1).to(acc.dtype)
+    return col_sum, rows * R
