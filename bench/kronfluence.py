@@ -1,12 +1,18 @@
 """EK-FAC fit + pairwise influence scores: ours vs kronfluence, same model, data, (t, ε) draws and float64 settings.
 
 kronfluence is not a dependency of this project: install it into a side environment that also sees this one
-(kronfluence 1.0.1 imports no torchvision at run time, so it is installed without its dependencies):
+(kronfluence 1.0.1 imports no torchvision at run time; a torchvision wheel that does not match the CPU torch breaks
+diffusers' import, so it is removed):
 
-    python -m venv /tmp/kf && echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \\
+    python -m venv /tmp/kf && /tmp/kf/bin/pip install torch==2.13.0 kronfluence
+    /tmp/kf/bin/pip uninstall -y torchvision
+    echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
         > "$(/tmp/kf/bin/python -c 'import site; print(site.getsitepackages()[0])')/main.pth"
-    /tmp/kf/bin/pip install kronfluence==1.0.1 --no-deps && /tmp/kf/bin/pip install accelerate einops einconv opt-einsum
     PYTHONPATH=. /tmp/kf/bin/python bench/kronfluence.py --threads 1
+
+The default is the larger setting (16×16 digits, 64 training images, 8 draws); ``--size 8 --num-train 32
+--draws 4`` is the small one. The two sides run alternately ``--repeats`` times and each side's fastest run is
+compared (the shared machine's load drifts).
 
 Both sides fit EK-FAC of the GGN^model (MC Fisher with the same seeded z, one sample per draw, every (example, draw)
 row a data point, bias folded into the input) on every Conv2d / Linear layer and score each query's loss gradient

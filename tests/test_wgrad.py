@@ -31,7 +31,7 @@ def _reference(m: nn.Module, x: torch.Tensor, g: torch.Tensor, B: int) -> torch.
 @pytest.mark.parametrize("kernel,padding,stride,dilation", [
     (3, 1, 1, 1), (3, 0, 1, 1), (1, 0, 1, 1), (3, 1, 2, 1), (3, 2, 1, 2), ((3, 1), (1, 0), 1, 1), (1, 1, 1, 1),
     (2, 0, 2, 1)])
-@pytest.mark.parametrize("rows_per_example", [1, 3])
+@pytest.mark.parametrize("rows_per_example", [1, 3, 4])  # 4: the per-example convolution route
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per_example, channels_last):
     torch.manual_seed(0)
@@ -47,6 +47,11 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
     got = add_conv_per_example_(torch.ones_like(ref), m, x, g)  # accumulates, several examples per chunk
     assert torch.allclose(got, ref + 1, rtol=1e-12, atol=1e-12)
+    # float32 (with ≥ 4 rows per example: one oneDNN weight-gradient convolution per example)
+    m32, x32, g32 = m.float(), x.float(), g.float()
+    got = add_conv_per_example_(torch.full_like(ref, float("nan"), dtype=torch.float32), m32, x32, g32,
+                                accumulate=False)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows_per_example", [1, 2])

@@ -8,10 +8,11 @@ so it may come from ``torch.empty``):
 
 * a 1×1 convolution (stride 1, no padding) and a Linear layer contract the input as it is stored
   (``[rows, d_in, R]``: no copy for one row per example);
-* any other convolution unfolds (im2col) a few examples at a time into one reused workspace of
-  ``workspace_bytes``, in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
+* any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
+  workspace of ``workspace_bytes``, in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
   unfolded input never exists for the whole batch (``F.unfold`` of a batch is ``kh·kw`` times its input and, on
-  CPU, slower than the GEMM it feeds).
+  CPU, slower than the GEMM it feeds); with many rows per example (draws), PyTorch's own weight-gradient
+  convolution over each example's rows is faster.
 
 Workspaces (the unfolded input, the padded input and output gradient) are kept per thread and reused across
 calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling it.
@@ -115,8 +116,30 @@ def add_conv_per_example_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
         _gemm_(weight, _fold_rows(g.reshape(rows, c_out, R), B, k, "b"),
                _fold_rows(x.reshape(rows, c_in, R), B, k, "a").transpose(1, 2), accumulate)
         return out
-    _add_strided_conv_(weight, m, x, g, B, k, accumulate, workspace_bytes)
+    if k >= _PER_EXAMPLE_CONV_MIN_ROWS and x.device.type == "cpu" and x.dtype == torch.float32:
+        _add_conv_per_example_loop_(weight, m, x, g, B, k, accumulate)
+    else:
+        _add_strided_conv_(weight, m, x, g, B, k, accumulate, workspace_bytes)
     return out
+
+
+#: from this many rows per example on, one weight-gradient convolution per example (PyTorch's own oneDNN kernel over
+#: the example's rows) beats the batched im2col GEMM on CPU in float32 (measured with 8 draws per example,
+#: bench/gradients.py); float64 has no oneDNN kernel (its fallback unfolds per example) and stays on the GEMM
+_PER_EXAMPLE_CONV_MIN_ROWS = 4
+
+
+def _add_conv_per_example_loop_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int,
+                                k: int, accumulate: bool) -> None:
+    c_out = g.shape[1]
+    for n in range(B):
+        w = torch.ops.aten.convolution_backward(
+            g[n * k:(n + 1) * k], x[n * k:(n + 1) * k], m.weight, None, list(m.stride), list(m.padding),
+            list(m.dilation), False, [0, 0], m.groups, [False, True, False])[1].reshape(c_out, -1)
+        if accumulate:
+            weight[n] += w
+        else:
+            weight[n].copy_(w)
 
 
 def _add_strided_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
