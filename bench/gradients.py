@@ -9,8 +9,10 @@ Per-example extraction is :func:`per_example_gradients` on the same number of (x
 B / S examples × S draws, producing a ``[B / S, d_out, d_in+1]`` gradient (the average over the example's draws)
 for every tracked layer. Both sides are reported in (x, t, ε) rows per second. ``--draws 1`` is the extreme case
 of one gradient per row; the method itself always averages S ≥ 8 draws per example (method §1), which is the
-default here. Goal (issue 2): ratio ≥ 0.5; issue 13: ≥ 0.8 with one draw per row. A third side times
-the store's factor-wise projected gradients (``influence.projected``, ``--k``) on the same rows.
+default here. Goal (issue 2): ratio ≥ 0.5; issue 13: ≥ 0.8 with one draw per row. A third side passes the previous
+result as ``out=`` (what a streaming consumer such as ``iter_gradients(reuse_buffers=True)`` does: no fresh
+``B × P`` buffer to fault in per batch); a fourth times the store's factor-wise projected gradients
+(``influence.projected``, ``--k``) on the same rows.
 
     python bench/gradients.py --threads 1 --config demo --batch-size 64
     python bench/gradients.py --device cuda --config cifar10 --batch-size 32     # on a GPU machine
@@ -72,13 +74,20 @@ def main(argv=None) -> dict:
         return per_example_gradients(model, x[:B // S], ids, "loss", num_draws=S, batch_size=B // S, max_rows=B,
                                      device=dev)
 
+    reused = [per_example()]
+
+    def per_example_reused():  # a streaming consumer: each batch overwrites the previous one's buffers
+        reused[0] = per_example_gradients(model, x[:B // S], ids, "loss", num_draws=S, batch_size=B // S,
+                                          max_rows=B, device=dev, out=reused[0])
+
     proj = make_projector(layer_shapes(model), args.k, seed=0)
 
     def projected():  # what the store computes: R g per example, factor-wise (no per-example gradient formed)
         return projected_gradients(model, x[:B // S], ids, proj, "loss", num_draws=S, batch_size=B // S,
                                    max_rows=B, device=dev)
 
-    sides = (("train", train_step), ("per_example", per_example), ("projected", projected))
+    sides = (("train", train_step), ("per_example", per_example), ("per_example_reused", per_example_reused),
+             ("projected", projected))
     model.unet.train()
     for _, fn in sides:  # warm-up
         fn()
@@ -94,15 +103,19 @@ def main(argv=None) -> dict:
     ratio = (B / med["per_example"]) / (B / med["train"])
     out = {"config": args.config, "tracked_params": n_params, "batch_size": B, "draws": S, "threads": args.threads,
            "device": str(dev), "train_ex_per_s": B / med["train"], "per_example_ex_per_s": B / med["per_example"],
-           "ratio": ratio, "projected_ex_per_s": B / med["projected"],
+           "ratio": ratio, "reused_ratio": med["train"] / med["per_example_reused"],
+           "projected_ex_per_s": B / med["projected"],
            "projected_ratio": med["train"] / med["projected"], "k": args.k}
     print(f"config={args.config} tracked_params={n_params} rows={B} ({B // S} examples x {S} draws) device={dev} "
           f"threads={args.threads}")
     print(f"plain training step   : {B / med['train']:9.1f} (x,t,eps) rows/s (median of {args.repeats})")
     print(f"per-example gradients : {B / med['per_example']:9.1f} (x,t,eps) rows/s (median of {args.repeats})")
+    print(f"  same, out= reused   : {B / med['per_example_reused']:9.1f} (x,t,eps) rows/s (median of {args.repeats}; "
+          "a streaming consumer's buffers)")
     print(f"projected gradients   : {B / med['projected']:9.1f} (x,t,eps) rows/s (median of {args.repeats}; "
           f"factor-wise, k={args.k})")
     print(f"ratio (per-example / training step) = {ratio:.2f}   (goal >= 0.8)")
+    print(f"ratio (per-example, out= reused / training step) = {med['train'] / med['per_example_reused']:.2f}")
     print(f"ratio (projected / training step) = {med['train'] / med['projected']:.2f}   (goal >= 0.8)")
     return out
 

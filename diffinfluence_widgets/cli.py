@@ -207,11 +207,11 @@ def _threads(args) -> int:
     return args.threads
 
 
-def _build(args, until: str = "index"):
+def _build(args, until: str = "index", shared: bool = False):
     from .demo import build_demo
 
     return build_demo(args.config, args.cache_dir, device=args.device, progress=not args.quiet,
-                      threads=_threads(args), rebuild=args.rebuild, until=until)
+                      threads=_threads(args), rebuild=args.rebuild, until=until, shared=shared)
 
 
 def threads_text(n: int) -> str:
@@ -226,15 +226,35 @@ def _summary(art) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _join_ranks(args) -> bool:
+    """Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); True on the rank that reports."""
+    _threads(args)  # OMP_NUM_THREADS before torch loads
+    from . import distributed as dist_utils
+
+    dist_utils.init_from_env(args.device)
+    if dist_utils.rank_and_world()[0] != 0:
+        args.rebuild = False  # rank 0 alone may clear the cache
+        return False
+    return True
+
+
 def cmd_train(args) -> int:
-    art = _build(args, "train")
+    # under torchrun the ranks train data-parallel (diffusion.train: one gradient all-reduce per step)
+    lead = _join_ranks(args)
+    art = _build(args, "train", shared=True)
+    if not lead:
+        return 0
     print(_summary(art))
     print(f"model: {art.cache_dir / 'model'} (fingerprint {art.model.fingerprint()})")
     return 0
 
 
 def cmd_build(args) -> int:
-    art = _build(args, args.until)
+    # under torchrun: data-parallel training, the curvature fit and the store shards split over the ranks
+    lead = _join_ranks(args)
+    art = _build(args, args.until, shared=True)
+    if not lead:
+        return 0
     print(_summary(art))
     if art.backend is not None:
         b = art.backend

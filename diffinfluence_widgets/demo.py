@@ -27,16 +27,15 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import CorruptArtifactError, atomic_write_text as _atomic_write_text, remove_listed_entries
+from . import distributed as dist_utils
+from ._io import atomic_write_text as _atomic_write_text, remove_listed_entries
 from .config import DEFAULT_METHODS, Approximation, Fisher, Method, choice
 from .data import load_digits
 from .demo_names import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, CONFIG_NAMES, SMALL_ENV, DemoCacheError,
@@ -45,8 +44,8 @@ from .diffusion import DiffusionModel, resolve_device, train_model
 from .diffusion.model import demo_unet_config, tiny_unet_config
 from .diffusion.train import TrainConfig
 from .index import IndexBackend
-from .influence.artifacts import CheckpointMismatchError
 from .influence.curvature import Curvature, fit_curvature
+from .demo_steps import _Log, _publish_dir, _read_json, _resumable, _step_done, _write_step
 __all__ = ["DemoConfig", "DEMO_CONFIGS", "DemoCacheError", "DemoArtifacts", "load_or_build_demo", "build_demo",
            "default_cache_dir",
            "demo_config", "config_from_env", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -167,33 +166,6 @@ def demo_config(config: str | DemoConfig = "demo") -> DemoConfig:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder into place (the old one, if any, is removed first)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-class _Log:
-    def __init__(self, progress: bool):
-        self.progress = progress
-
-    def __call__(self, msg: str) -> None:
-        if self.progress:
-            print(f"[diffinfluence demo] {msg}", file=sys.stderr, flush=True)
-
-    def loud(self, msg: str) -> None:
-        """A problem being repaired: a warning, whatever ``progress`` says."""
-        warnings.warn(f"[diffinfluence demo] {msg}", RuntimeWarning, stacklevel=3)
-
-
 def _remove_demo_entries(root: Path, man: dict) -> list[str]:
     """Delete the entries of ``root`` that the demo manifest ``man`` lists (version-1 manifests predate the list:
     their fixed layout); return their names."""
@@ -240,49 +212,6 @@ def _check_root(root: Path, cfg: DemoConfig, rebuild: bool, log: _Log) -> None:
                                           indent=1, sort_keys=True, default=str))
 
 
-def _step_done(root: Path, step: str, cfg: DemoConfig, expect: dict, log: "_Log") -> dict | None:
-    meta = _read_json(root / step / "step.json")
-    if meta is None:
-        return None
-    if meta.get("step_digest") != cfg.digest(step):
-        log(f"{root / step} was built with other settings: rebuilding it")
-        return None
-    if any(meta.get(k) != v for k, v in expect.items()):
-        return None
-    return meta
-
-
-def _checkpoint_dir(root: Path, name: str, digest: str) -> Path:
-    """A resumable step's checkpoint folder; one left by an interrupted run with other settings is discarded."""
-    d = root / name
-    mark = d / "step_digest.txt"
-    if d.exists() and (not mark.is_file() or mark.read_text().strip() != digest):
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    if not mark.is_file():
-        _atomic_write_text(mark, digest)
-    return d
-
-
-def _resumable(run, root: Path, name: str, digest: str, log: "_Log"):
-    """``run(checkpoint_dir)``; a corrupt or foreign checkpoint is discarded (with a warning) and the step rerun."""
-    try:
-        return run(_checkpoint_dir(root, name, digest))
-    except (CorruptArtifactError, CheckpointMismatchError) as e:
-        log.loud(f"the checkpoint in {root / name} is unusable ({e}); starting that step over")
-        shutil.rmtree(root / name, ignore_errors=True)
-        return run(_checkpoint_dir(root, name, digest))
-
-
-def _write_step(root: Path, step: str, cfg: DemoConfig, seconds: float, cpu0: float, **extra) -> dict:
-    meta = {"step": step, "config_name": cfg.name, "step_digest": cfg.digest(step), "seconds": round(seconds, 3),
-            # process CPU time of the step (all threads): unlike wall time, it does not grow on a busy machine
-            "cpu_seconds": round(time.process_time() - cpu0, 3),
-            "threads": torch.get_num_threads(), "finished": time.time(), **extra}
-    _atomic_write_text(root / step / "step.json", json.dumps(meta, indent=1, sort_keys=True))
-    return meta
-
-
 @dataclass
 class DemoArtifacts:
     """What :func:`build_demo` produced (``None`` for the steps after ``until``)."""
@@ -327,9 +256,11 @@ def load_or_build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path 
 
 def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None = None, *,
                device=None, progress: bool = True, threads: int | None = None, rebuild: bool = False,
-               until: str = "index") -> DemoArtifacts:
+               until: str = "index", shared: bool = False) -> DemoArtifacts:
     """:func:`load_or_build_demo`, stopping after step ``until`` (``"train"``, ``"curvature"`` or ``"index"``)
-    and returning every artifact (:class:`DemoArtifacts`)."""
+    and returning every artifact (:class:`DemoArtifacts`). ``shared=True``: every rank of the initialised process
+    group calls this together and they share each step (README, "Past one machine"); the ranks other than 0 get
+    no backend."""
     cfg = demo_config(config)
     if until not in STEPS:
         raise ValueError(f"until must be one of {STEPS}, got {until!r}")
@@ -339,9 +270,15 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(cfg)
-    log = _Log(progress)
+    # shared=True under torchrun (an initialised process group): every rank runs this; they train data-parallel,
+    # fit the curvature and compute store shards each on their share; rank 0 alone writes the shared artifacts
+    rank, world = dist_utils.rank_and_world() if shared else (0, 1)
+    lead, barrier = rank == 0, (dist_utils.barrier if world > 1 else (lambda: None))
+    log = _Log(progress and lead)
     t_start = time.perf_counter()
-    _check_root(root, cfg, rebuild, log)
+    if lead:
+        _check_root(root, cfg, rebuild, log)
+    barrier()
     info: dict[str, Any] = {"config": cfg.name, "config_digest": cfg.digest(), "cache_dir": str(root),
                             "device": str(dev), "threads": torch.get_num_threads(), "steps": {}}
 
@@ -369,19 +306,22 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
             f"{cfg.train_config().steps} steps, {torch.get_num_threads()} "
             f"thread{'' if torch.get_num_threads() == 1 else 's'})")
         init = DiffusionModel.from_config(cfg.unet_config(), seed=cfg.model_seed).to(dev, torch.float32)
-        model = _resumable(lambda ck: train_model(init, train, cfg.train_config(), device=dev, progress=progress,
-                                                  checkpoint_dir=ck),
-                           root, "train-checkpoint", cfg.digest("model"), log)
-        tmp = root / f".tmp-model-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        _publish_dir(tmp, root / "model")
+        model = _resumable(lambda ck: train_model(init, train, cfg.train_config(), device=dev, progress=progress
+                                                  and lead, checkpoint_dir=ck, data_parallel=world > 1),
+                           root, "train-checkpoint", cfg.digest("model"), log, shared=world > 1)
+        if lead:
+            tmp = root / f".tmp-model-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp)
+            _publish_dir(tmp, root / "model")
+        barrier()
         # reload what was saved, so the fingerprint is the one every later run sees
         model = DiffusionModel.from_pretrained(root / "model").to(dev, torch.float32)
-        meta = _write_step(root, "model", cfg, time.perf_counter() - t0, c0, dataset_fingerprint=data_fp,
+        meta = _write_step(root, "model", cfg, time.perf_counter() - t0, c0, write=lead, dataset_fingerprint=data_fp,
                            model_fingerprint=model.fingerprint())
-        shutil.rmtree(root / "train-checkpoint", ignore_errors=True)
+        if lead:
+            shutil.rmtree(root / "train-checkpoint", ignore_errors=True)
         info["steps"]["train"] = {"reused": False, "seconds": meta["seconds"], "cpu_seconds": meta["cpu_seconds"]}
     else:
         info["steps"]["train"] = {"reused": True, "seconds": round(time.perf_counter() - t0, 3),
@@ -409,14 +349,17 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
                                                         num_draws=cfg.curvature_draws, device=dev,
                                                         progress=progress, batch_size=cfg.batch_size,
                                                         checkpoint_dir=ck),
-                               root, "curvature-checkpoint", cfg.digest("curvature") + model_fp, log)
-        tmp = root / f".tmp-curvature-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        curvature.save(tmp)
-        _publish_dir(tmp, root / "curvature")
-        meta = _write_step(root, "curvature", cfg, time.perf_counter() - t0, c0, **expect)
-        shutil.rmtree(root / "curvature-checkpoint", ignore_errors=True)
+                               root, "curvature-checkpoint", cfg.digest("curvature") + model_fp, log, shared=world > 1)
+        if lead:  # every rank holds the same all-reduced curvature
+            tmp = root / f".tmp-curvature-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            curvature.save(tmp)
+            _publish_dir(tmp, root / "curvature")
+        meta = _write_step(root, "curvature", cfg, time.perf_counter() - t0, c0, write=lead, **expect)
+        if lead:
+            shutil.rmtree(root / "curvature-checkpoint", ignore_errors=True)
+        barrier()
         info["steps"]["curvature"] = {"reused": False, "seconds": meta["seconds"],
                                       "cpu_seconds": meta["cpu_seconds"]}
     else:
@@ -433,10 +376,18 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
         log(f"step 3/3: projecting training gradients (k={cfg.k}, {cfg.store_draws} draws), building the index, "
             f"sampling {cfg.num_generated} queries")
     (root / "index").mkdir(exist_ok=True)
-    backend = IndexBackend.build(model, train, heldout, curvature, root / "index", k=cfg.k,
-                                 num_draws=cfg.store_draws, query_num_draws=cfg.query_draws,
-                                 num_generated=cfg.num_generated, methods=tuple(cfg.methods),
-                                 batch_size=cfg.batch_size, device=dev, progress=progress and meta is None)
+    kw = dict(k=cfg.k, num_draws=cfg.store_draws, query_num_draws=cfg.query_draws, methods=tuple(cfg.methods),
+              batch_size=cfg.batch_size, device=dev)
+    if world > 1 and meta is None:  # the stores' shards split over the ranks, then rank 0 alone finishes the index
+        IndexBackend.build(model, train, heldout, curvature, root / "index", num_generated=0, exact_store=False,
+                           progress=False, **kw)
+        if not lead:
+            barrier()  # wait for rank 0's index (queries, exact store) so that the command ends together
+            return _finish(art, t_start, log, write=False)  # rank 0 records the run
+    backend = IndexBackend.build(model, train, heldout, curvature, root / "index", num_generated=cfg.num_generated,
+                                 progress=progress and meta is None, **kw)
+    if world > 1 and meta is None:
+        barrier()
     if meta is None:
         meta = _write_step(root, "index", cfg, time.perf_counter() - t0, c0, **expect)
         info["steps"]["index"] = {"reused": False, "seconds": meta["seconds"], "cpu_seconds": meta["cpu_seconds"]}
@@ -448,11 +399,12 @@ def build_demo(config: str | DemoConfig = "demo", cache_dir: str | Path | None =
     return _finish(art, t_start, log)
 
 
-def _finish(art: DemoArtifacts, t_start: float, log: _Log) -> DemoArtifacts:
+def _finish(art: DemoArtifacts, t_start: float, log: _Log, write: bool = True) -> DemoArtifacts:
     info = art.info
     info["total_seconds"] = round(time.perf_counter() - t_start, 3)
     info["reused"] = all(s["reused"] for s in info["steps"].values())
-    _atomic_write_text(art.cache_dir / "last_run.json", json.dumps(info, indent=1, sort_keys=True))
+    if write:
+        _atomic_write_text(art.cache_dir / "last_run.json", json.dumps(info, indent=1, sort_keys=True))
     log(("reused the cached demo" if info["reused"] else "demo ready") + f" in {info['total_seconds']:.1f} s "
         f"({art.cache_dir})")
     return art

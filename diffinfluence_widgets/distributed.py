@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank_and_world", "shard_slice", "all_reduce_sum_", "init_from_env",
-           "env_rank", "rank0_first"]
+           "env_rank", "rank0_first", "barrier"]
 
 
 def is_distributed() -> bool:
@@ -39,6 +39,12 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def init_from_env(device: str | torch.device | None = None, *, timeout_s: float = 6 * 3600) -> bool:

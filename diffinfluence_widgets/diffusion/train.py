@@ -8,6 +8,14 @@ Every random choice of step k (batch order, t, ε, dropout) comes from generator
 ``(seed, epoch)``, so a run resumed from a checkpoint follows exactly the path of an uninterrupted one: the step
 counter is the whole random state. Checkpoints hold the weights, the EMA, the optimizer and the step, written
 atomically.
+
+With ``data_parallel=True`` under ``torchrun`` (an initialised process group) training is data-parallel: every
+rank draws the same batch,
+computes the loss terms of its contiguous share of it (:func:`~diffinfluence_widgets.distributed.shard_slice`),
+and the ranks sum their gradients (one all-reduce per step) before the identical optimizer step, so every rank
+holds the same weights and the result is the single-process run's up to the order of floating-point sums. (With
+dropout > 0 a rank's masks are drawn for its share only, so they differ from a single process's.) Rank 0 alone
+writes checkpoints; every rank resumes from them.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_utils
 from ..data.dataset import ImageDataset
 from .._io import CorruptArtifactError, atomic_write, remove_stale_temporaries, state_digest
 from .draws import example_generator
@@ -167,6 +176,29 @@ def _load_checkpoint(path: Path, dev) -> dict:
     return state
 
 
+def _data_parallel_backward(work: DiffusionModel, images: torch.Tensor, pos: torch.Tensor, t: torch.Tensor,
+                            eps: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """This rank's share of the batch loss (its terms / batch size), backpropagated; then the gradients and the loss
+    are summed over ranks, so every rank ends with the whole batch's mean loss and its gradient."""
+    b = pos.numel()
+    sl = dist_utils.shard_slice(b)
+    if sl.stop > sl.start:
+        x_t = work.add_noise(images[pos[sl]], eps[sl], t[sl])
+        part = (work.predict_noise(x_t, t[sl]) - eps[sl]).pow(2).flatten(1).mean(1).sum() / b
+        part.backward()
+        value = part.detach().reshape(1)
+    else:  # more ranks than images in the batch: nothing to add
+        value = torch.zeros(1, device=images.device, dtype=images.dtype)
+    flat = torch.cat([value] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                for p in params])
+    dist_utils.all_reduce_sum_(flat)
+    off = 1
+    for p in params:
+        p.grad = flat[off:off + p.numel()].view_as(p).clone()
+        off += p.numel()
+    return flat[0]
+
+
 def _as_dataset(dataset) -> ImageDataset:
     if isinstance(dataset, ImageDataset):
         return dataset
@@ -181,7 +213,7 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
                 device: str | torch.device | None = None, progress: bool = True,
                 checkpoint_dir: str | Path | None = None, return_raw: bool = False,
                 callback: Callable[[int, float], None] | None = None, stop_after: int | None = None,
-                ) -> DiffusionModel | tuple[DiffusionModel, DiffusionModel]:
+                data_parallel: bool = False) -> DiffusionModel | tuple[DiffusionModel, DiffusionModel]:
     """Train a copy of ``model`` on ``dataset`` and return the EMA model (``model`` itself is left untouched).
 
     Parameters
@@ -202,6 +234,9 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
     stop_after:
         Stop once this many steps are done (saving a checkpoint first) by raising :class:`TrainingInterrupted`;
         call again with the same ``checkpoint_dir`` to continue.
+    data_parallel:
+        Every rank of the initialised process group calls this together and they share each batch (see the module
+        docs); ``False`` (default) trains in this process alone, e.g. one retraining job per rank.
     """
 
     cfg = config or TrainConfig()
@@ -242,8 +277,11 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
             opt.load_state_dict(state["optimizer"])
             start = int(state["step"])
 
+    rank, world = dist_utils.rank_and_world() if data_parallel else (0, 1)
+    params = list(net.parameters())
+
     def save(step: int) -> None:
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:  # one writer; the others' weights are the same
             state = {"unet": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
             # one file, one atomic write: identity, step and the state (with its checksum) always agree
             _atomic_save({**identity, "step": step, **state, "state_sha256": state_digest({**state, "step": step}),
@@ -260,13 +298,15 @@ def train_model(model: DiffusionModel, dataset: ImageDataset | torch.Tensor, con
             pos = _batch_positions(n, cfg, step).to(dev)
             t, eps = _draw_t_eps(pos.numel(), images.shape[1:], T, cfg, step)
             t, eps = t.to(dev), eps.to(dev, images.dtype)
-            x0 = images[pos]
-            x_t = work.add_noise(x0, eps, t)
-            loss = (work.predict_noise(x_t, t) - eps).pow(2).flatten(1).mean(1).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world == 1:
+                x_t = work.add_noise(images[pos], eps, t)
+                loss = (work.predict_noise(x_t, t) - eps).pow(2).flatten(1).mean(1).mean()
+                loss.backward()
+            else:
+                loss = _data_parallel_backward(work, images, pos, t, eps, params)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()

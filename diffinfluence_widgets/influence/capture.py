@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .wgrad import add_conv_per_example_, add_linear_per_example_
+
 __all__ = ["tracked_layers", "layer_shape", "LayerCapture", "CallRecord", "frozen_eval", "model_lock"]
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -132,66 +134,38 @@ class CallRecord:
     def b(self) -> torch.Tensor:
         return self.b_cols.transpose(1, 2)
 
-    def add_per_example_(self, out: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    def add_per_example_(self, out: torch.Tensor, masks: torch.Tensor | None = None, *,
+                         accumulate: bool = True) -> torch.Tensor:
         """Add this call's per-example weight gradients into ``out`` (bias in the last column) and return it.
 
         ``out`` is ``[B, d_out, d_in (+1)]``, or ``[M, B, d_out, d_in (+1)]`` with ``masks`` ``[M, B, k]`` weighting
         each example's rows. Rows are example-major: ``k = rows // B`` consecutive rows per example.
+        ``accumulate=False`` (without masks) overwrites ``out`` instead of adding to it.
         """
         B = out.shape[-3]
-        if isinstance(self.module, nn.Conv2d):
-            return self._add_conv_per_example_(out, masks)
+        if masks is None:  # one batched GEMM per layer call, straight into ``out`` (see :mod:`.wgrad`)
+            if isinstance(self.module, nn.Conv2d):
+                if self.g is None:
+                    raise RuntimeError("no output gradient recorded for this call")
+                return add_conv_per_example_(out, self.module, self.x, self.g, accumulate=accumulate)
+            return add_linear_per_example_(out, self.a_cols, self.b_cols, self.has_bias, accumulate=accumulate)
+        if not accumulate:
+            raise ValueError("accumulate=False is only supported without masks")
+        if isinstance(self.module, nn.Conv2d):  # one pass per mask, over the rows it weights
+            if self.g is None:
+                raise RuntimeError("no output gradient recorded for this call")
+            rows_w = masks.to(self.g.dtype).reshape(masks.shape[0], -1)  # [M, B·k], example-major like the rows
+            for j in range(masks.shape[0]):
+                add_conv_per_example_(out[j], self.module, self.x, self.g * rows_w[j][:, None, None, None])
+            return out
         a, b = self.a_cols, self.b_cols
         k = a.shape[0] // B
         a4 = a.reshape(B, k, a.shape[1], a.shape[2])
         b4 = b.reshape(B, k, b.shape[1], b.shape[2])
         d_in = a.shape[1]
-        if masks is None:
-            if k == 1:
-                w = torch.bmm(b4[:, 0], a4[:, 0].transpose(1, 2))
-            else:
-                w = torch.einsum("nkor,nkir->noi", b4, a4)
-            out[..., :d_in] += w
-            if self.has_bias:
-                out[..., d_in] += b4.sum(dim=(1, 3))
-            return out
         out[..., :d_in] += torch.einsum("mnk,nkor,nkir->mnoi", masks, b4, a4)
         if self.has_bias:
             out[..., d_in] += torch.einsum("mnk,nko->mno", masks, b4.sum(3))
-        return out
-
-    def _add_conv_per_example_(self, out: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
-        # One weight-gradient convolution per example over its rows: the same kernel an ordinary backward uses
-        # (no im2col copy), which on CPU is several times faster than unfold + batched matmul.
-        m = self.module
-        x, g = self.x, self.g
-        if g is None:
-            raise RuntimeError("no output gradient recorded for this call")
-        B = out.shape[-3]
-        k = x.shape[0] // B
-        o = g.shape[1]
-
-        def wgrad(g_rows, x_rows):
-            return torch.ops.aten.convolution_backward(
-                g_rows, x_rows, m.weight, None, list(m.stride), list(m.padding), list(m.dilation), False, [0, 0],
-                m.groups, [False, True, False])[1].reshape(o, -1)
-
-        d_in = out.shape[-1] - (1 if self.has_bias else 0)
-        if masks is None and self.has_bias:  # all examples' bias gradients in one reduction
-            out[..., d_in] += g.reshape(B, k, o, -1).sum(dim=(1, 3))
-        for n in range(B):
-            xs, gs = x[n * k:(n + 1) * k], g[n * k:(n + 1) * k]
-            if masks is None:
-                out[n, :, :d_in] += wgrad(gs, xs)
-            else:
-                for j in range(masks.shape[0]):
-                    w = masks[j, n].to(gs.dtype)
-                    if not bool(w.any()):
-                        continue
-                    gw = gs * w[:, None, None, None]
-                    out[j, n, :, :d_in] += wgrad(gw, xs)
-                    if self.has_bias:
-                        out[j, n, :, d_in] += gw.sum(dim=(0, 2, 3))
         return out
 
     def per_example(self, num_examples: int, masks: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,6 +47,7 @@ from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
 from .artifacts import load_fit_checkpoint, read_manifest, save_fit_checkpoint
 from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
 from .gradients import LayerGradients
+from .wgrad import add_input_covariance_
 
 __all__ = ["Curvature", "fit_curvature", "read_manifest", "fit_factors", "FactorProblem", "check_damping", "METHODS",
            "KFAC_APPROXES", "FISHER_TYPES", "DEFAULT_CURVATURE_DRAWS", "DEFAULT_DAMPING"]
@@ -222,19 +223,15 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
             if kfac_approx == "expand":
                 # positions of every call are extra data points: contributions simply add up
                 for rec in cap.calls(n):
-                    if first:
-                        a_cols = rec.a_cols
-                        d_in = a_cols.shape[1]
+                    if first:  # (chunked im2col in a reused workspace: one layer's patches never all at once)
                         A = sums[f"A/{n}"]
-                        A[:d_in, :d_in] += _cov(a_cols)
+                        s_a, count = add_input_covariance_(A, rec.module, rec.x)
+                        d_in = s_a.shape[0]
                         if rec.has_bias:
-                            s_a = a_cols.sum(dim=(0, 2)).to(factor_dtype)
                             A[:d_in, d_in] += s_a
                             A[d_in, :d_in] += s_a
-                            A[d_in, d_in] += a_cols.shape[0] * a_cols.shape[2]
-                        sums[f"nA/{n}"] += a_cols.shape[0] * a_cols.shape[2]
-                        del a_cols
-                        rec.drop_unfolded_()  # one layer's im2col copy alive at a time
+                            A[d_in, d_in] += count
+                        sums[f"nA/{n}"] += count
                     sums[f"B/{n}"] += _cov(rec.b_cols)
             else:
                 a, b = _concat_calls(cap, n)
@@ -283,17 +280,20 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
                 recs = list(cap.calls(n))
                 g = None
                 for rec in recs:
-                    if g is None:
+                    if g is None:  # the first call writes the buffer, later ones add to it
                         o, i = layer_shape(problem.layers[n])
-                        g = rec.x.new_zeros(rows, o, i)
-                    rec.add_per_example_(g)
-                qa = q_compute[n][0]
-                qb = q_compute[n][1]
-                g_rot = qb.T @ g @ qa
-                sums[f"L/{n}"] += (g_rot * g_rot).sum(0).to(factor_dtype)
+                        g = rec.add_per_example_(rec.x.new_empty(rows, o, i), accumulate=False)
+                    else:
+                        rec.add_per_example_(g)
+                if g is None:
+                    continue  # a layer the network did not call contributes nothing
+                qa, qb_t = q_compute[n]
+                g_rot = torch.matmul(qb_t, g).matmul(qa)  # Q_Bᵀ G Q_A, per row
+                sums[f"L/{n}"] += g_rot.pow_(2).sum(0).to(factor_dtype)
 
         compute_dtype = next(iter(problem.layers.values())).weight.dtype
-        q_compute = {n: (out["q_a"][n].to(compute_dtype), out["q_b"][n].to(compute_dtype)) for n in names}
+        q_compute = {n: (out["q_a"][n].to(compute_dtype), out["q_b"][n].T.to(compute_dtype).contiguous())
+                     for n in names}
 
         _run_pass(problem, fisher, consume_ekfac, f"EK-FAC eigenvalues (GGN^{fisher})", progress, stage,
                   save_state)

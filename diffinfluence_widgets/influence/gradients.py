@@ -119,7 +119,8 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
                           measurement: str | Measurement = "loss", *, num_draws: int | None = None, seed: int = 0,
                           batch_size: int = 32, max_rows: int = 512, trajectory: Trajectory | None = None,
                           bands: Sequence[tuple[int, int]] | None = None, device: str | torch.device | None = None,
-                          dtype: torch.dtype | None = None, progress: bool = False) -> LayerGradients:
+                          dtype: torch.dtype | None = None, progress: bool = False,
+                          out: LayerGradients | None = None) -> LayerGradients:
     """Gradients ``∇_θ m(θ, x)`` for each image, averaged over ``num_draws`` seeded draws.
 
     Parameters
@@ -137,6 +138,10 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
     device, dtype:
         Where to compute (``None``: the model's device, or CUDA when available if the model is on the CPU and
         ``device="auto"``) and in which float type (default: the model's).
+    out:
+        A previous result with the same layers, number of images, device and dtype (no bands) whose tensors are
+        overwritten and returned, for consumers that stream batches and are done with the previous one: on CPU,
+        faulting in a fresh ``B × P`` buffer for every batch costs a sizeable part of the pass.
     """
     meas = get_measurement(measurement)
     model.check_images(images)
@@ -147,6 +152,8 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
         raise ValueError(f"measurement {meas.name!r} does not average over timesteps; bands are not defined for it")
     S, dev, dt = _prepare_run(model, batch_size, max_rows, num_draws, device, dtype)
     layers = tracked_layers(model.unet)
+    if out is not None:
+        _check_out(out, layers, images.shape[0], dev, dt, bands)
     band_list = [tuple(map(int, b)) for b in bands] if bands is not None else None
     parts: list[LayerGradients] = []
     n = images.shape[0]
@@ -159,7 +166,13 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
             traj = trajectory.select(sl).to(dev, dt) if trajectory is not None else None
             draws = meas.draws(model, ids_t[sl], S, seed, trajectory=traj)
             S_eff = draws.num_draws  # a trajectory measurement may use fewer draws than asked (one per step)
-            acc = {name: torch.zeros(B, *layer_shape(m), device=dev, dtype=dt) for name, m in layers.items()}
+            # without bands each layer's first call writes its buffer (no zero fill, no read of zeros in the GEMM)
+            alloc = torch.empty if band_list is None else torch.zeros
+            if out is not None:
+                acc = {name: out.layers[name][sl] for name in layers}
+            else:
+                acc = {name: alloc(B, *layer_shape(m), device=dev, dtype=dt) for name, m in layers.items()}
+            unwritten = set(layers) if band_list is None else set()
             acc_b = None
             if band_list is not None:
                 acc_b = {name: torch.zeros(len(band_list), B, *layer_shape(m), device=dev, dtype=dt)
@@ -184,7 +197,8 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
                             raise RuntimeError(f"layer {name!r} saw {rows} rows for {B} examples; measurements "
                                                "must call the network on example-major batches")
                         if masks is None:
-                            rec.add_per_example_(acc[name])
+                            rec.add_per_example_(acc[name], accumulate=name not in unwritten)
+                            unwritten.discard(name)
                         else:
                             if rows // B != d.num_draws:
                                 raise RuntimeError(f"measurement {meas.name!r}: layer {name!r} is called with "
@@ -194,27 +208,54 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
                             acc[name] += bw.sum(0)
                             acc_b[name] += bw
                 cap.clear()
+            for name in unwritten:  # a layer the measurement never called: its gradient is zero
+                acc[name].zero_()
             parts.append(LayerGradients(acc, ids_t[sl].clone(), acc_b, band_list))
             bar.update(B)
     bar.close()
-    out = LayerGradients.cat(parts)
-    out.meta = {"measurement": meas.name, "num_draws": S, "seed": int(seed)}
-    return out
+    if out is not None:
+        res = LayerGradients(dict(out.layers), ids_t.clone())
+    else:
+        res = LayerGradients.cat(parts)
+    res.meta = {"measurement": meas.name, "num_draws": S, "seed": int(seed)}
+    return res
+
+
+def _check_out(out: LayerGradients, layers: dict, n: int, dev: torch.device, dt: torch.dtype, bands) -> None:
+    if not isinstance(out, LayerGradients):
+        raise TypeError(f"out must be a LayerGradients from a previous call, got {type(out).__name__}")
+    if bands is not None:
+        raise ValueError("out= cannot be combined with bands=")
+    if list(out.layers) != list(layers):
+        raise ValueError(f"out has layers {list(out.layers)[:3]}..., expected this model's {list(layers)[:3]}...")
+    for name, m in layers.items():
+        t = out.layers[name]
+        want = (n, *layer_shape(m))
+        if tuple(t.shape) != want or t.dtype != dt or t.device.type != dev.type or not t.is_contiguous():
+            raise ValueError(f"out layer {name!r} is {tuple(t.shape)} {t.dtype} on {t.device}, expected a contiguous "
+                             f"{want} {dt} on {dev}")
 
 
 def iter_gradients(model: DiffusionModel, dataset, *, measurement: str | Measurement = "loss",
                    num_draws: int | None = None, seed: int = 0, batch_size: int = 32, max_rows: int = 512,
                    device=None, dtype=None, progress: bool = False, start: int = 0,
-                   stop: int | None = None) -> Iterator[LayerGradients]:
-    """Per-example gradients over an ``ImageDataset`` (``.images``, ``.ids``), one batch at a time, in order."""
+                   stop: int | None = None, reuse_buffers: bool = False) -> Iterator[LayerGradients]:
+    """Per-example gradients over an ``ImageDataset`` (``.images``, ``.ids``), one batch at a time, in order.
+
+    ``reuse_buffers=True`` writes every full batch into the tensors of the previous one (``out=`` of
+    :func:`per_example_gradients`): only for a consumer that is done with a batch before it asks for the next.
+    """
     n = len(dataset.ids)
     stop = n if stop is None else min(int(stop), n)
+    prev = None
     bar = tqdm(total=stop - start, desc=f"training gradients ({get_measurement(measurement).name})", unit="img",
                disable=not progress)
     for lo in range(int(start), stop, int(batch_size)):
         hi = min(stop, lo + int(batch_size))
-        yield per_example_gradients(model, dataset.images[lo:hi], dataset.ids[lo:hi], measurement,
-                                    num_draws=num_draws, seed=seed, batch_size=batch_size, max_rows=max_rows,
-                                    device=device, dtype=dtype)
+        prev = prev if reuse_buffers and prev is not None and len(prev) == hi - lo else None
+        prev = per_example_gradients(model, dataset.images[lo:hi], dataset.ids[lo:hi], measurement,
+                                     num_draws=num_draws, seed=seed, batch_size=batch_size, max_rows=max_rows,
+                                     device=device, dtype=dtype, out=prev)
+        yield prev
         bar.update(hi - lo)
     bar.close()

@@ -201,13 +201,13 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
         batches = iter_gradients(model, train, measurement=train_measurement,
                                  num_draws=DEFAULT_TRAIN_DRAWS if train_num_draws is None else train_num_draws,
                                  seed=seed if train_seed is None else train_seed, batch_size=batch_size,
-                                 max_rows=max_rows, device=device, dtype=dtype, progress=progress)
+                                 max_rows=max_rows, device=device, dtype=dtype, progress=progress,
+                                 reuse_buffers=True)  # each batch is contracted before the next one is asked for
     for tg in batches:
-        flat = tg.flat()
-        blocks.append(torch.stack([(p.to(flat) @ flat.T).double().cpu() for p in pre_total]))  # [L, Q, B]
+        blocks.append(torch.stack([_contract(p, tg).double().cpu() for p in pre_total]))  # [L, Q, B]
         if pre_bands is not None:
-            band_blocks.append(torch.stack([(p.to(flat) @ flat.T).double().cpu() for p in pre_bands]))
-        tids.append(tg.ids)
+            band_blocks.append(torch.stack([_contract(p, tg).double().cpu() for p in pre_bands]))
+        tids.append(tg.ids.clone())
     train_ids = torch.cat(tids) if tids else torch.zeros(0, dtype=torch.long)
     mats = torch.cat(blocks, dim=-1) if blocks else torch.zeros(len(lams), qg.ids.numel(), 0, dtype=torch.float64)
     band_mats = torch.cat(band_blocks, dim=-1) if band_blocks else None
@@ -225,6 +225,20 @@ def compute_scores(model: DiffusionModel, curvature: Curvature | None, query_ima
                           [tuple(b) for b in bands] if bands is not None else None, settings, model.fingerprint(),
                           train.fingerprint() if hasattr(train, "fingerprint") else ""))
     return out[0] if single else out
+
+
+def _contract(pre: torch.Tensor, grads: LayerGradients) -> torch.Tensor:
+    """``pre @ grads.flat()ᵀ`` (``pre`` ``[..., P]`` in the flat layer order) one layer at a time, without the
+    ``[B, P]`` concatenation."""
+    out, off = None, 0
+    for g in grads.layers.values():
+        g2 = g.reshape(g.shape[0], -1)
+        part = pre[..., off:off + g2.shape[1]].to(g2) @ g2.T
+        out = part if out is None else out.add_(part)
+        off += g2.shape[1]
+    if off != pre.shape[-1]:
+        raise ValueError(f"preconditioned queries have {pre.shape[-1]} parameters, the gradients {off}")
+    return out
 
 
 def _precomputed_batches(grads: LayerGradients, train, batch_size: int):

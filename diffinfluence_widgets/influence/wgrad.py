@@ -1,0 +1,221 @@
+"""Per-example weight gradients of one Conv2d / Linear call from its input ``x`` and output gradient ``g``.
+
+An example's weight gradient is ``Σ_rows Σ_r b_r a_rᵀ`` over its ``k`` consecutive (example-major) rows and the
+layer's R weight-sharing positions. Both kernels here form it as one GEMM per example, batched over examples,
+written straight into the caller's ``[B, d_out, d_in (+1)]`` buffer (``baddbmm_`` on the weight columns: no
+temporary of the batch's gradients, no second pass to add it; with ``accumulate=False`` the buffer is overwritten,
+so it may come from ``torch.empty``):
+
+* a 1×1 convolution (stride 1, no padding) and a Linear layer contract the input as it is stored
+  (``[rows, d_in, R]``: no copy for one row per example);
+* any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
+  workspace of ``workspace_bytes``, in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
+  unfolded input never exists for the whole batch (``F.unfold`` of a batch is ``kh·kw`` times its input and, on
+  CPU, slower than the GEMM it feeds); with many rows per example (draws), PyTorch's own weight-gradient
+  convolution over each example's rows is faster.
+
+Workspaces (the unfolded input, the padded input and output gradient) are kept per thread and reused across
+calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling it.
+
+The bias gradient (the last column, bias folded into the input) is one reduction of ``g`` per call.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+__all__ = ["add_conv_per_example_", "add_linear_per_example_", "add_input_covariance_", "release_workspaces",
+           "DEFAULT_WORKSPACE_BYTES"]
+
+#: size of the im2col workspace: a few examples' unfolded inputs, small enough to stay in cache
+DEFAULT_WORKSPACE_BYTES = 8 << 20
+
+
+_LOCAL = threading.local()
+
+
+def _workspace(like: torch.Tensor, slot: str, *shape: int) -> torch.Tensor:
+    """A reused, uninitialised buffer of ``shape`` (one per thread, slot, device and dtype)."""
+    cache = getattr(_LOCAL, "buffers", None)
+    if cache is None:
+        cache = _LOCAL.buffers = {}
+    key = (slot, like.device, like.dtype)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = like.new_empty(numel)
+    return buf[:numel].view(*shape)
+
+
+def release_workspaces() -> None:
+    """Free this thread's workspaces (they are otherwise kept for the next call)."""
+    _LOCAL.buffers = {}
+
+
+def _rows_per_example(rows: int, B: int) -> int:
+    if B < 1 or rows % B:
+        raise RuntimeError(f"{rows} rows cannot be split into {B} examples (rows must be example-major)")
+    return rows // B
+
+
+def _fold_rows(t: torch.Tensor, B: int, k: int, slot: str) -> torch.Tensor:
+    """``[B·k, d, R]`` → ``[B, d, k·R]`` (an example's rows side by side along the contracted dimension)."""
+    if k == 1:
+        return t
+    d, R = t.shape[1], t.shape[2]
+    out = _workspace(t, slot, B, d, k, R)
+    out.copy_(t.reshape(B, k, d, R).transpose(1, 2))
+    return out.view(B, d, k * R)
+
+
+def _gemm_(dst: torch.Tensor, left: torch.Tensor, right: torch.Tensor, accumulate: bool) -> None:
+    dst.baddbmm_(left, right, beta=1 if accumulate else 0)
+
+
+def _bias_(out: torch.Tensor, d_in: int, value: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out[..., d_in] += value
+    else:
+        out[..., d_in] = value
+
+
+def add_linear_per_example_(out: torch.Tensor, a_cols: torch.Tensor, b_cols: torch.Tensor, has_bias: bool, *,
+                            accumulate: bool = True) -> torch.Tensor:
+    """``out[n] += Σ b aᵀ`` over example n's rows: ``a_cols [B·k, d_in, R]``, ``b_cols [B·k, d_out, R]``
+    (``=`` instead of ``+=`` with ``accumulate=False``)."""
+    B = out.shape[0]
+    k = _rows_per_example(a_cols.shape[0], B)
+    d_in = a_cols.shape[1]
+    _gemm_(out[..., :d_in], _fold_rows(b_cols, B, k, "b"), _fold_rows(a_cols, B, k, "a").transpose(1, 2),
+           accumulate)
+    if has_bias:
+        _bias_(out, d_in, b_cols.reshape(B, k, b_cols.shape[1], -1).sum(dim=(1, 3)), accumulate)
+    return out
+
+
+def add_conv_per_example_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, *,
+                          accumulate: bool = True, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+    """``out[n] += Σ_rows Σ_r b_r a_rᵀ`` for a Conv2d call with input ``x [B·k, C_in, H, W]`` and output gradient
+    ``g [B·k, C_out, H_o, W_o]``; ``out`` is ``[B, C_out, C_in·kh·kw (+1)]`` (PyTorch's weight order, bias last).
+    With ``accumulate=False`` ``out`` is overwritten instead."""
+    B = out.shape[0]
+    rows, c_in, _, _ = x.shape
+    k = _rows_per_example(rows, B)
+    c_out, h_o, w_o = g.shape[1:]
+    kh, kw = m.kernel_size
+    R = h_o * w_o
+    d_in = c_in * kh * kw
+    weight = out[..., :d_in]
+    if m.bias is not None:
+        _bias_(out, d_in, g.reshape(B, k, c_out, R).sum(dim=(1, 3)), accumulate)
+    if (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0):
+        _gemm_(weight, _fold_rows(g.reshape(rows, c_out, R), B, k, "b"),
+               _fold_rows(x.reshape(rows, c_in, R), B, k, "a").transpose(1, 2), accumulate)
+        return out
+    if k >= _PER_EXAMPLE_CONV_MIN_ROWS and x.device.type == "cpu" and x.dtype == torch.float32:
+        _add_conv_per_example_loop_(weight, m, x, g, B, k, accumulate)
+    else:
+        _add_strided_conv_(weight, m, x, g, B, k, accumulate, workspace_bytes)
+    return out
+
+
+#: from this many rows per example on, one weight-gradient convolution per example (PyTorch's own oneDNN kernel over
+#: the example's rows) beats the batched im2col GEMM on CPU in float32 (measured with 8 draws per example,
+#: bench/gradients.py); float64 has no oneDNN kernel (its fallback unfolds per example) and stays on the GEMM
+_PER_EXAMPLE_CONV_MIN_ROWS = 4
+
+
+def _add_conv_per_example_loop_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int,
+                                k: int, accumulate: bool) -> None:
+    c_out = g.shape[1]
+    for n in range(B):
+        w = torch.ops.aten.convolution_backward(
+            g[n * k:(n + 1) * k], x[n * k:(n + 1) * k], m.weight, None, list(m.stride), list(m.padding),
+            list(m.dilation), False, [0, 0], m.groups, [False, True, False])[1].reshape(c_out, -1)
+        if accumulate:
+            weight[n] += w
+        else:
+            weight[n].copy_(w)
+
+
+def _add_strided_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
+                       accumulate: bool, workspace_bytes: int) -> None:
+    """Any convolution: im2col of a few examples at a time from a strided view of the padded input."""
+    rows, c_in = x.shape[:2]
+    c_out, h_o, w_o = g.shape[1:]
+    kh, kw = m.kernel_size
+    R = h_o * w_o
+    d_in = c_in * kh * kw
+    (sh, sw), (dh, dw) = m.stride, m.dilation
+    xp = _padded_input(m, x)  # zero-padded copy in a reused buffer (F.pad would allocate a fresh one every call)
+    sN, sC, sH, sW = xp.stride()
+    g_cols = _fold_rows(g.reshape(rows, c_out, R), B, k, "b")  # [B, C_out, k·R]
+    chunk = _chunk(B, k * d_in * R * x.element_size(), workspace_bytes)
+    ws = _workspace(x, "cols", chunk, d_in, k * R)
+    for n0 in range(0, B, chunk):
+        n = min(B, n0 + chunk) - n0
+        # patches of examples n0..n0+n: [n, k, C_in, kh, kw, H_o, W_o] as a view of the padded input
+        patches = xp.as_strided((n, k, c_in, kh, kw, h_o, w_o),
+                                (k * sN, sN, sC, sH * dh, sW * dw, sH * sh, sW * sw),
+                                xp.storage_offset() + n0 * k * sN)
+        w = ws[:n]
+        w.view(n, c_in, kh, kw, k, h_o, w_o).copy_(patches.permute(0, 2, 3, 4, 1, 5, 6))
+        _gemm_(weight[n0:n0 + n], g_cols[n0:n0 + n], w.transpose(1, 2), accumulate)
+
+
+def _chunk(B: int, bytes_per_example: int, workspace_bytes: int) -> int:
+    return max(1, min(B, int(workspace_bytes) // max(1, bytes_per_example)))
+
+
+def _padded_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    (ph, pw) = m.padding
+    if not (ph or pw):
+        return x
+    xp = _workspace(x, "x_pad", x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    xp.zero_()
+    xp[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]].copy_(x)
+    return xp
+
+
+def add_input_covariance_(acc: torch.Tensor, m: nn.Module, x: torch.Tensor, *,
+                          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[torch.Tensor, int]:
+    """``acc[:d_in, :d_in] += Σ_rows Σ_r a_r a_rᵀ`` (K-FAC-expand's A statistic, without the bias row) for one call
+    of a Conv2d / Linear layer with input ``x``; returns ``(Σ a_r, number of rows × positions)`` for the bias row.
+
+    A convolution's patches are unfolded a few rows at a time into the reused workspace, laid out ``[d_in, rows·R]``
+    so that each chunk is one GEMM (no im2col of the whole batch, no transposed copy of it); the products are formed
+    in ``x``'s dtype and summed into ``acc`` in its own (float64 for the factors).
+    """
+    if isinstance(m, nn.Linear):
+        a = x.reshape(-1, x.shape[-1])
+        d_in = a.shape[1]
+        prod = a.T @ a
+        acc[:d_in, :d_in] += prod.to(acc.dtype)
+        return a.sum(0).to(acc.dtype), a.shape[0]
+    rows, c_in = x.shape[:2]
+    kh, kw = m.kernel_size
+    (ph, pw), (sh, sw), (dh, dw) = m.padding, m.stride, m.dilation
+    h_o = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_o = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    R = h_o * w_o
+    d_in = c_in * kh * kw
+    xp = _padded_input(m, x)
+    sN, sC, sH, sW = xp.stride()
+    chunk = _chunk(rows, d_in * R * x.element_size(), workspace_bytes)
+    col_sum = torch.zeros(d_in, dtype=acc.dtype, device=acc.device)
+    for r0 in range(0, rows, chunk):
+        n = min(rows, r0 + chunk) - r0
+        patches = xp.as_strided((c_in, kh, kw, n, h_o, w_o), (sC, sH * dh, sW * dw, sN, sH * sh, sW * sw),
+                                xp.storage_offset() + r0 * sN)
+        w = _workspace(x, "cols", d_in, n * R)
+        w.view(c_in, kh, kw, n, h_o, w_o).copy_(patches)
+        if acc.dtype == w.dtype:
+            acc[:d_in, :d_in].addmm_(w, w.T)
+        else:
+            acc[:d_in, :d_in] += (w @ w.T).to(acc.dtype)
+        col_sum += w.sum(1).to(acc.dtype)
+    return col_sum, rows * R
