@@ -47,11 +47,12 @@ class KFACQuery:
             lam = {n: torch.outer(curvature.lambda_b[n], curvature.lambda_a[n]) for n in self.names}
         else:
             raise ValueError(f"eigenvalues must be 'ekfac' or 'kfac', got {eigenvalues!r}")
+        #: τ, the mean of these eigenvalues (the scale of a relative damping), from the curvature's own precision
+        #: before any cast to the compute dtype, so that it equals ``Curvature.mean_eigenvalue()``
+        self.tau = float(sum(float(v.double().sum()) for v in lam.values())
+                         / max(1, sum(v.numel() for v in lam.values())))
         # a fresh tensor per layer: the curvature's eigenvalues are never modified (method trap 8)
         self.lam = {n: lam[n].to(self.device, dtype).clone() for n in self.names}
-        #: τ, the mean of these eigenvalues (the scale of a relative damping)
-        self.tau = float(sum(float(v.double().sum()) for v in self.lam.values())
-                         / max(1, sum(v.numel() for v in self.lam.values())))
         if self.space == StoreSpace.EIGEN:
             if whiten_damping is None:
                 raise ValueError("an 'eigen' store needs its whiten_damping")
