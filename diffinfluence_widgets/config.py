@@ -25,8 +25,9 @@ except ImportError:  # Python 3.10: the same behaviour for our purposes
             return str(self.value)
 
 __all__ = ["StrEnum", "Method", "Approximation", "Fisher", "StoreSpace", "IndexKind", "choice", "check_damping",
-           "relative_damping", "DEFAULT_KFAC_DAMPING", "DEFAULT_QUERY_DRAWS", "DEFAULT_TRAIN_DRAWS", "DEFAULT_METHODS",
-           "KFAC_METHODS", "TRAK_METHODS", "StoreConfig", "IndexConfig"]
+           "relative_damping", "DEFAULT_KFAC_DAMPING", "DEFAULT_QUERY_DRAWS", "DEFAULT_TRAIN_DRAWS",
+           "DEFAULT_RELATIVE_DAMPING", "DEFAULT_ENSEMBLE", "DEFAULT_METHODS", "KFAC_METHODS", "TRAK_METHODS",
+           "StoreConfig", "IndexConfig"]
 
 
 class Method(StrEnum):
@@ -86,6 +87,14 @@ DEFAULT_KFAC_DAMPING = 1e-8
 #: more; 256 training draws added nothing). Gradients of the paper's code used fewer; pass ``num_draws`` to choose.
 DEFAULT_QUERY_DRAWS = 512
 DEFAULT_TRAIN_DRAWS = 128
+#: the recommended default damping of the researcher's API (``evaluation.attribute`` / ``evaluate``), stated
+#: relative to the curvature's mean eigenvalue τ (λ = rel · τ, :func:`relative_damping`): an absolute λ means
+#: something else for every model, loss scale and image size (issue 14: at 16×16 the paper's absolute 1e-8 was
+#: far from K-FAC's best λ); the paper's absolute 1e-8 stays ``damping="absolute", dampings=(1e-8,)``.
+DEFAULT_RELATIVE_DAMPING = 0.1
+#: independently trained full-data models whose score matrices the recommended default averages (issue 14;
+#: ``evaluation.train_ensemble``): each model's seed-specific idiosyncrasies and gradient noise average out
+DEFAULT_ENSEMBLE = 3
 
 E = TypeVar("E", bound=Enum)
 
