@@ -16,7 +16,7 @@ and :attr:`Attribution.scale` the τ used. λ values of the two families are not
 **Ensembles.** ``attribute([m0, m1, m2], ...)`` scores with each independently trained model and averages the
 matrices (:meth:`Attribution.mean`); :func:`~diffinfluence_widgets.evaluation.train_ensemble` trains the models
 through the resumable retraining cache. The recommended default (issue 14, ``bench/RESULTS.md``): EK-FAC,
-λ = 0.1 · τ, 512 query / 128 training draws, 3 models.
+λ = 1e-3 · τ, 512 query / 128 training draws, 3 models.
 
 Sign convention as everywhere: ``s[q, j] > 0`` means removing training example j is predicted to increase the
 query's measurement. Matrices are float64 ``[num_queries, num_train]`` in the training set's order.
@@ -354,7 +354,7 @@ def attribute(model: DiffusionModel | Sequence[DiffusionModel], train: ImageData
     ``model``: one model, or an **ensemble** — a sequence of models trained independently on the same data (e.g.
     :func:`~diffinfluence_widgets.evaluation.train_ensemble`, :data:`~diffinfluence_widgets.config.DEFAULT_ENSEMBLE`
     = 3 seeds): each model is scored on its own (its own gradients, curvature and τ) and the score matrices are
-    averaged (:meth:`Attribution.mean`). The recommended default is EK-FAC, λ = 0.1 · τ (relative), 512 / 128
+    averaged (:meth:`Attribution.mean`). The recommended default is EK-FAC, λ = 1e-3 · τ (relative), 512 / 128
     draws, on an ensemble of 3 models; the paper's setting is one model, ``dampings=(1e-8,), damping="absolute"``
     (see README, "Method settings and defaults").
 

@@ -9,7 +9,7 @@ jobs ``full/seed0 … full/seed{E-1}`` (keep every training id, seed e), so ``ev
 ensemble's first member and an interrupted ensemble resumes.
 
     models = train_ensemble(tiny_unet_config(8), train, TrainConfig.tiny(), "cache/", num_models=3)
-    att = attribute(models, train, queries)          # EK-FAC, λ = 0.1 · τ, averaged over the 3 models
+    att = attribute(models, train, queries)          # EK-FAC, λ = 1e-3 · τ, averaged over the 3 models
 """
 from __future__ import annotations
 
