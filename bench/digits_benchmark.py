@@ -8,7 +8,9 @@ A thin driver over the public API (``diffinfluence_widgets.evaluation.evaluate``
    measure every query's loss under every model with common random numbers → targets ``[Q, M, K]``.
 3. Score every training example for every query with each method (``evaluation.attribute``): K-FAC and EK-FAC
    influence (loss, expand, GGN^model), the ablations GGN^loss and reduce, TRAK and D-TRAK, pixel cosine
-   similarity (raw and mean-centred), the exact-retraining oracle. Every family is swept over damping λ: absolute
+   similarity (raw and mean-centred), the exact-retraining oracle, and the recommended default (row ``default``:
+   EK-FAC averaged over 3 full-data models, λ = 1e-3 · τ; every gradient method uses 512 query / 128 training
+   draws). Every family is swept over damping λ: absolute
    for the K-FAC family (the paper's untuned 1e-8 is absolute), relative to the mean eigenvalue of ΦᵀΦ for TRAK.
 4. LDS with the standard error over queries and the two-way bootstrap over queries × subsets; paired differences
    between methods, each with its two-way bootstrap 95% interval.

@@ -13,7 +13,7 @@ _PUBLIC = {
     "ImageDataset": "data", "from_arrays": "data", "from_image_folder": "data", "from_torch_dataset": "data",
     "load_digits": "data", "attribute": "evaluation", "Attributor": "evaluation", "Attribution": "evaluation",
     "AttributionSettings": "evaluation", "METHODS": "evaluation", "evaluate": "evaluation",
-    "EvaluationSettings": "evaluation", "Evaluation": "evaluation",
+    "EvaluationSettings": "evaluation", "Evaluation": "evaluation", "train_ensemble": "evaluation",
 }
 __all__ = sorted(_PUBLIC)
 

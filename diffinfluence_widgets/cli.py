@@ -85,7 +85,14 @@ def _add_data_arguments(e: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     g.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay (default: %(default)s)")
     g.add_argument("--fraction", type=float, default=None, help="share of the training set each subset keeps")
-    g.add_argument("--grad-draws", type=int, default=None, help="(t, ε) draws per per-example gradient")
+    g.add_argument("--grad-draws", type=int, default=None,
+                   help="(t, ε) draws per per-example gradient, both sides (the 2026-11 runs: 32)")
+    g.add_argument("--query-draws", type=int, default=None, help="(t, ε) draws per query gradient (default: 512)")
+    g.add_argument("--train-draws", type=int, default=None,
+                   help="(t, ε) draws per training gradient (default: 128)")
+    g.add_argument("--ensemble", type=int, default=None,
+                   help="full-data models (seeds 0…E-1) the recommended default's scores are averaged over "
+                        "(default: 3; 1 = one model)")
     g.add_argument("--curvature-draws", type=int, default=None, help="(t, ε) draws per image in the curvature")
     g.add_argument("--trak-dim", type=int, default=None, help="TRAK projection dimension")
     g.add_argument("--cf-queries", type=int, default=None, help="queries of the counterfactual retraining (0: skip)")

@@ -20,7 +20,7 @@ from diffinfluence_widgets.influence.scores import Scores, compute_scores
 from diffinfluence_widgets.influence.trak import TRAKScorer
 
 DT = torch.float64
-S = AttributionSettings(grad_draws=4, curvature_draws=2, trak_dim=64, batch_size=4)
+S = AttributionSettings(query_draws=5, train_draws=3, curvature_draws=2, trak_dim=64, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_every_method_equals_the_low_level_path(setup):
                                  progress=False)
             tau = curv.mean_eigenvalue()
             ref = compute_scores(model, curv, q, qids, train, measurement=spec.measurement, damping=[l * tau for l in lams],
-                                 num_draws=S.grad_draws, train_num_draws=S.grad_draws, seed=S.query_seed,
+                                 num_draws=S.query_draws, train_num_draws=S.train_draws, seed=S.query_seed,
                                  train_seed=S.train_seed, batch_size=4, progress=False)
             for lam, r in zip(lams, ref):
                 assert r.train_ids.tolist() == train.ids.tolist()
@@ -62,8 +62,8 @@ def test_every_method_equals_the_low_level_path(setup):
                 assert got.absolute[name][lam] == pytest.approx(lam * tau, rel=1e-12)
         elif spec.family == "trak":
             gt = per_example_gradients(model, train.images, train.ids, spec.train_measurement,
-                                       num_draws=S.grad_draws, seed=S.train_seed)
-            gq = per_example_gradients(model, q, qids, spec.measurement, num_draws=S.grad_draws, seed=S.query_seed,
+                                       num_draws=S.train_draws, seed=S.train_seed)
+            gq = per_example_gradients(model, q, qids, spec.measurement, num_draws=S.query_draws, seed=S.query_seed,
                                        trajectory=gen.trajectory)
             proj = make_projector(layer_shapes_of(gt.layers), S.trak_dim, seed=S.projection_seed)
             scorer = TRAKScorer(proj.project(gt).numpy())

@@ -9,18 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffinfluence_widgets import evaluate
+from diffinfluence_widgets import attribute, evaluate
 from diffinfluence_widgets.data import from_image_folder, load_digits, to_uint8
 from diffinfluence_widgets.diffusion import tiny_unet_config
 from diffinfluence_widgets.diffusion.train import TrainConfig
-from diffinfluence_widgets.evaluation import AttributionSettings, EvaluationSettings, tables, write_report
+from diffinfluence_widgets.evaluation import (AttributionSettings, EvaluationSettings, tables, train_ensemble,
+                                              write_report)
 
 TINY = EvaluationSettings(num_subsets=3, num_seeds=2, num_queries=4, target_draws=8,
                           attribution=AttributionSettings(grad_draws=4, curvature_draws=2, trak_dim=16),
                           kfac_methods=("K-FAC", "K-FAC reduce"), trak_methods=("TRAK",),
                           kfac_dampings=(1e-8, 1.0), trak_dampings=(1.0,), cf_queries=2, cf_fractions=(0.25,),
                           cf_seeds=(0,), cf_random_sets=1, cf_methods=("K-FAC (λ=1e-8)", "TRAK"), bootstrap=50,
-                          num_workers=1)
+                          num_workers=1, ensemble=2)
 RECIPE = TrainConfig(steps=4, batch_size=8, lr=2e-3, warmup=1, ema_decay=0.9, checkpoint_every=50)
 
 
@@ -39,7 +40,17 @@ def test_evaluate_on_an_image_folder_end_to_end(tmp_path):
     cfg = tiny_unet_config(8, 1)
     ev = evaluate(cfg, train, RECIPE, tmp_path / "cache", settings=TINY, progress=False)
     assert ev.targets.shape == (4, 3, 2) and ev.oracle.per_query.shape == (4,)
-    assert set(ev.results) == {"K-FAC", "K-FAC reduce", "TRAK", "pixel", "pixel (centred)"}
+    assert set(ev.results) == {"K-FAC", "K-FAC reduce", "TRAK", "pixel", "pixel (centred)", "default"}
+    # the recommended default's row is EK-FAC averaged over 2 full-data models (seeds 0, 1) of the same cache
+    jobs_before = sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir())
+    models = train_ensemble(cfg, train, RECIPE, tmp_path / "cache", num_models=2)
+    assert sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir()) == jobs_before  # trained by evaluate
+    ref = attribute(models, train, ev.query_images, ev.query_ids, methods=["EK-FAC"],
+                    dampings=TINY.default_dampings, settings=TINY.attribution)
+    for lam in TINY.default_dampings:
+        np.testing.assert_allclose(ev.attribution.matrix("default", lam), ref.matrix("EK-FAC", lam), rtol=1e-9,
+                                   atol=1e-12 * np.abs(ref.matrix("EK-FAC", lam)).max())
+    assert ev.at("default", "default") == pytest.approx(TINY.default_damping)
     r = ev.results["K-FAC"][1e-8]
     assert r.per_query.shape == (4,) and r.interval is not None and r.interval.num_resamples == 50
     assert [p["finding"] for p in ev.paired][:1] == ["K-FAC > TRAK"]
@@ -50,9 +61,13 @@ def test_evaluate_on_an_image_folder_end_to_end(tmp_path):
     res = write_report(ev, tmp_path / "out", figures=False)
     text = (tmp_path / "out" / "table.md").read_text()
     assert "two-way bootstrap 95% interval" in text and "exact retraining (oracle)" in text
+    assert "recommended default" in text and "default (λ=default) − D-TRAK" not in text  # D-TRAK not scored
+    assert "default (λ=default) − pixel" in text
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["sweeps"]["K-FAC"]["points"][0]["per_query"] == pytest.approx(r.per_query.tolist())
     assert res["paired"] == saved["paired"]
+    default_lds = ev.results["default"][TINY.default_damping].mean
+    assert saved["default_over_oracle"] == (None if ev.oracle.mean == 0 else pytest.approx(default_lds / ev.oracle.mean))
     # resumable: a second run trains nothing new and gives the same numbers
     jobs = sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir())
     again = evaluate(cfg, train, RECIPE, tmp_path / "cache", settings=TINY, progress=False)
@@ -77,7 +92,7 @@ def test_evaluate_cli_on_a_tiny_image_folder_end_to_end(tmp_path, capsys):
     folder = _folder(tmp_path / "images")
     argv = ["evaluate", "--data", str(folder), "--image-size", "8", "--unet-channels", "8,16", "--train-steps", "4",
             "--batch-size", "8", "--num-subsets", "3", "--seeds", "2", "--num-queries", "4", "--measure-draws", "8",
-            "--grad-draws", "4", "--curvature-draws", "2", "--trak-dim", "16", "--cf-queries", "1",
+            "--query-draws", "4", "--train-draws", "3", "--ensemble", "2", "--curvature-draws", "2", "--trak-dim", "16", "--cf-queries", "1",
             "--cf-fractions", "0.25",
             "--bootstrap", "50", "--methods", "kfac,dtrak,pixel", "--cache-dir", str(tmp_path / "cache"),
             "--quiet", "--threads", "1"]
@@ -86,7 +101,10 @@ def test_evaluate_cli_on_a_tiny_image_folder_end_to_end(tmp_path, capsys):
     assert "### Paired comparisons" in out and "two-way bootstrap 95% interval" in out
     report = tmp_path / "cache" / "report"
     saved = json.loads((report / "results.json").read_text())
-    assert set(saved["sweeps"]) == {"K-FAC", "D-TRAK", "pixel"} and saved["image_size"] == 8
+    assert set(saved["sweeps"]) == {"K-FAC", "D-TRAK", "pixel", "default"} and saved["image_size"] == 8
+    assert saved["settings"]["ensemble"] == 2 and saved["settings"]["attribution"]["query_draws"] == 4
+    assert saved["settings"]["attribution"]["train_draws"] == 3
+    assert any(p["a"].startswith("default") and p["b"].startswith("D-TRAK") for p in saved["paired"])
     assert saved["settings"]["num_subsets"] == 3 and saved["settings"]["attribution"]["trak_dim"] == 16
     assert all(p["bootstrap"]["num_resamples"] == 50 for p in saved["paired"]) and saved["paired"]
     assert {r["method"] for r in saved["counterfactual"]} == {"K-FAC (λ=1e-8)", "D-TRAK", "random"}

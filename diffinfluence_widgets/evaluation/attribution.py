@@ -8,9 +8,15 @@ curvature, the random projection and TRAK's eigendecomposition. A new λ is then
 
 **Damping, stated one way for every method.** By default (``damping="relative"``) a λ is a multiple of the
 method's curvature scale τ: for the K-FAC family τ is the mean eigenvalue of the (E)K-FAC curvature (trace / size,
-``Curvature.mean_eigenvalue()``, the same τ as ``compute_scores(relative_damping=...)``), for the TRAK family the mean eigenvalue of ΦᵀΦ. ``damping="absolute"`` takes λ as is (the paper's
-``λ = 1e-8`` of the K-FAC family is absolute). :attr:`Attribution.absolute` records the absolute λ of every entry
+``Curvature.mean_eigenvalue()``, the same τ as ``compute_scores(relative_damping=...)``), for the TRAK family the
+mean eigenvalue of ΦᵀΦ. ``damping="absolute"`` takes λ as is (the paper's ``λ = 1e-8`` of the K-FAC family is
+absolute). :attr:`Attribution.absolute` records the absolute λ of every entry
 and :attr:`Attribution.scale` the τ used. λ values of the two families are not comparable in absolute terms.
+
+**Ensembles.** ``attribute([m0, m1, m2], ...)`` scores with each independently trained model and averages the
+matrices (:meth:`Attribution.mean`); :func:`~diffinfluence_widgets.evaluation.train_ensemble` trains the models
+through the resumable retraining cache. The recommended default (issue 14, ``bench/RESULTS.md``): EK-FAC,
+λ = 1e-3 · τ, 512 query / 128 training draws, 3 models.
 
 Sign convention as everywhere: ``s[q, j] > 0`` means removing training example j is predicted to increase the
 query's measurement. Matrices are float64 ``[num_queries, num_train]`` in the training set's order.
@@ -28,7 +34,7 @@ import torch
 
 from ..data import ImageDataset, as_id_tensor
 from ..diffusion.model import DiffusionModel
-from ..config import check_damping
+from ..config import DEFAULT_QUERY_DRAWS, DEFAULT_RELATIVE_DAMPING, DEFAULT_TRAIN_DRAWS, check_damping
 from ..influence.curvature import Curvature, fit_curvature
 from ..influence.gradients import LayerGradients, per_example_gradients
 from ..influence.projection import layer_shapes_of, make_projector
@@ -82,9 +88,17 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
 
 @dataclass(frozen=True)
 class AttributionSettings:
-    """Draws, projection size and seeds shared by every method (the defaults of ``bench/digits_benchmark.py``)."""
+    """Draws, projection size and seeds shared by every method.
 
-    grad_draws: int = 64
+    ``query_draws`` / ``train_draws``: (t, ε) draws per query-side / training-side gradient (default: the
+    recommended :data:`~diffinfluence_widgets.config.DEFAULT_QUERY_DRAWS` = 512 and ``DEFAULT_TRAIN_DRAWS`` = 128;
+    a query gradient's Monte-Carlo noise does not average out over the removed training examples, so the query side
+    needs more). ``grad_draws`` sets both sides at once (the 2026-11 benchmark runs used 32 / 32); giving it
+    together with a different ``query_draws`` or ``train_draws`` is an error.
+    """
+
+    query_draws: int | None = None
+    train_draws: int | None = None
     curvature_draws: int = 32
     trak_dim: int = 4096
     train_seed: int = 1
@@ -92,9 +106,20 @@ class AttributionSettings:
     curvature_seed: int = 3
     projection_seed: int = 7
     batch_size: int = 32
+    grad_draws: int | None = None
 
     def __post_init__(self) -> None:
-        for f in ("grad_draws", "curvature_draws", "trak_dim", "batch_size"):
+        for f in ("query_draws", "train_draws", "grad_draws"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{f} must be a positive integer (or None for the default), got {v!r}")
+        both = self.grad_draws
+        for f, default in (("query_draws", DEFAULT_QUERY_DRAWS), ("train_draws", DEFAULT_TRAIN_DRAWS)):
+            v = getattr(self, f)
+            if both is not None and v is not None and v != both:
+                raise ValueError(f"grad_draws={both} sets both sides, but {f}={v} differs; give one or the other")
+            object.__setattr__(self, f, v if v is not None else both if both is not None else default)
+        for f in ("curvature_draws", "trak_dim", "batch_size"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
@@ -105,7 +130,9 @@ class Attribution:
     """Score matrices by method and stated λ (``None`` for similarity methods, which have no λ).
 
     ``scores[method][λ]`` is ``[Q, N]`` float64; ``absolute[method][λ]`` the absolute λ it used, ``scale[method]``
-    the curvature scale τ relative dampings multiply, ``damping_mode[method]`` how λ was stated.
+    the curvature scale τ relative dampings multiply, ``damping_mode[method]`` how λ was stated. An ensemble's
+    attribution (:meth:`mean`, ``num_models`` > 1) holds the mean score matrix over its models, and the mean τ and
+    mean absolute λ over them (each model's relative λ multiplies its own τ).
     """
 
     query_ids: np.ndarray
@@ -114,6 +141,30 @@ class Attribution:
     absolute: dict[str, dict[float | None, float | None]] = field(default_factory=dict)
     scale: dict[str, float | None] = field(default_factory=dict)
     damping_mode: dict[str, str | None] = field(default_factory=dict)
+    num_models: int = 1
+
+    @classmethod
+    def mean(cls, parts: Sequence["Attribution"]) -> "Attribution":
+        """The ensemble of attributions of the same queries, training set, methods and dampings computed with
+        different models: score matrices averaged (``scores = (1/E) Σ_e scores_e``)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Attribution.mean needs at least one attribution")
+        first = parts[0]
+        for k, p in enumerate(parts[1:], 1):
+            if not (np.array_equal(first.query_ids, p.query_ids) and np.array_equal(first.train_ids, p.train_ids)):
+                raise ValueError(f"attribution {k} has other queries or training examples than attribution 0")
+            if {m: list(d) for m, d in p.scores.items()} != {m: list(d) for m, d in first.scores.items()}:
+                raise ValueError(f"attribution {k} has other methods or dampings than attribution 0")
+        mean = lambda vals: None if vals[0] is None else float(np.mean(vals))
+        out = cls(first.query_ids.copy(), first.train_ids.copy(), num_models=sum(p.num_models for p in parts))
+        w = np.array([p.num_models for p in parts], dtype=np.float64)
+        for m, by in first.scores.items():
+            out.scores[m] = {lam: sum(wi * p.scores[m][lam] for wi, p in zip(w, parts)) / w.sum() for lam in by}
+            out.absolute[m] = {lam: mean([p.absolute[m][lam] for p in parts]) for lam in by}
+            out.scale[m] = mean([p.scale[m] for p in parts])
+            out.damping_mode[m] = first.damping_mode[m]
+        return out
 
     @property
     def methods(self) -> list[str]:
@@ -149,6 +200,9 @@ class Attribution:
         """Add another run's methods (same queries and training set)."""
         if not (np.array_equal(self.query_ids, other.query_ids) and np.array_equal(self.train_ids, other.train_ids)):
             raise ValueError("can only merge attributions of the same queries and training set")
+        if self.num_models != other.num_models:
+            raise ValueError(f"cannot merge an attribution of {other.num_models} models into one of "
+                             f"{self.num_models}")
         for d, o in ((self.scores, other.scores), (self.absolute, other.absolute), (self.scale, other.scale),
                      (self.damping_mode, other.damping_mode)):
             d.update(o)
@@ -203,7 +257,8 @@ class Attributor:
                         raise ValueError("Journey-TRAK needs the queries' sampling trajectory: pass trajectory= "
                                          "(sample(..., keep_trajectory=True).trajectory)")
                     traj = self.trajectory
-            self._grads[key] = per_example_gradients(self.model, images, ids, measurement, num_draws=s.grad_draws,
+            draws = s.train_draws if side == "train" else s.query_draws
+            self._grads[key] = per_example_gradients(self.model, images, ids, measurement, num_draws=draws,
                                                      seed=seed, batch_size=s.batch_size, trajectory=traj,
                                                      device=self.device, progress=False)
         return self._grads[key]
@@ -289,12 +344,19 @@ def _spec(m: str | MethodSpec) -> MethodSpec:
     return METHODS[m]
 
 
-def attribute(model: DiffusionModel, train: ImageDataset, query_images: torch.Tensor,
+def attribute(model: DiffusionModel | Sequence[DiffusionModel], train: ImageDataset, query_images: torch.Tensor,
               query_ids: Sequence[int] | None = None, *, methods: Sequence[str | MethodSpec] = ("EK-FAC",),
-              dampings: Sequence[float] = (1.0,), damping: str = "relative",
+              dampings: Sequence[float] = (DEFAULT_RELATIVE_DAMPING,), damping: str = "relative",
               settings: AttributionSettings | None = None, curvatures: Mapping[str, Curvature] | None = None,
               trajectory: Any = None, device: Any = None) -> Attribution:
     """Score ``query_images`` against ``train`` for each method in ``methods`` at each λ in ``dampings``.
+
+    ``model``: one model, or an **ensemble** — a sequence of models trained independently on the same data (e.g.
+    :func:`~diffinfluence_widgets.evaluation.train_ensemble`, :data:`~diffinfluence_widgets.config.DEFAULT_ENSEMBLE`
+    = 3 seeds): each model is scored on its own (its own gradients, curvature and τ) and the score matrices are
+    averaged (:meth:`Attribution.mean`). The recommended default is EK-FAC, λ = 1e-3 · τ (relative), 512 / 128
+    draws, on an ensemble of 3 models; the paper's setting is one model, ``dampings=(1e-8,), damping="absolute"``
+    (see README, "Method settings and defaults").
 
     ``methods``: names from :data:`METHODS` ("K-FAC", "EK-FAC", "K-FAC GGN^loss", "EK-FAC GGN^loss",
     "K-FAC reduce", "K-FAC reduce GGN^loss", "TRAK", "D-TRAK", "Journey-TRAK", "pixel", "pixel (centred)") or
@@ -303,5 +365,15 @@ def attribute(model: DiffusionModel, train: ImageDataset, query_images: torch.Te
     Training gradients are computed once per training measurement and shared by all methods and dampings; to
     share them across several calls, use one :class:`Attributor` and call :meth:`Attributor.run`.
     """
-    return Attributor(model, train, query_images, query_ids, settings=settings, curvatures=curvatures,
-                      trajectory=trajectory, device=device).run(methods, dampings, damping)
+    models = [model] if isinstance(model, DiffusionModel) else list(model) if isinstance(model, (list, tuple)) \
+        else None
+    if not models or not all(isinstance(m, DiffusionModel) for m in models):
+        kinds = "" if models is None else f" of {[type(m).__name__ for m in models]}"
+        raise TypeError(f"model must be a DiffusionModel or a non-empty list of them (an ensemble), got "
+                        f"{type(model).__name__}{kinds}")
+    if curvatures and len(models) > 1:
+        raise ValueError("curvatures= holds one model's curvatures; an ensemble fits each model's own "
+                         f"(got {len(models)} models)")
+    return Attribution.mean([Attributor(m, train, query_images, query_ids, settings=settings, curvatures=curvatures,
+                                        trajectory=trajectory, device=device).run(methods, dampings, damping)
+                             for m in models])

@@ -3,7 +3,10 @@
 In order: train the full-data model (seed 0) and generate the queries; draw M subsets, retrain each with K seeds
 and measure every query under every model (common random numbers) → targets ``[Q, M, K]``; score with every
 method over its damping grid (:func:`.attribution.attribute`, gradients shared); LDS per (method, λ) with the
-standard error over queries *and* the two-way bootstrap over queries × subsets (:mod:`.bootstrap`); paired
+standard error over queries *and* the two-way bootstrap over queries × subsets (:mod:`.bootstrap`); the
+**recommended default** (row ``"default"``: ``default_method`` averaged over an ensemble of ``ensemble``
+independently trained full-data models, λ relative to each model's τ, the extra models trained into the same
+cache) against the baselines and the oracle; paired
 differences between methods, each with its two-way bootstrap interval; retraining without the top-scored examples
 for a few queries against random removal. Everything retrained is cached under ``cache_dir`` (content-addressed,
 atomic): rerunning after an interruption resumes, and a cache of another model, dataset or recipe is not reused.
@@ -25,13 +28,18 @@ from ..data import ImageDataset
 from ..diffusion.model import DiffusionModel
 from ..diffusion.sampling import sample
 from ..diffusion.train import TrainConfig
+from ..config import DEFAULT_ENSEMBLE, DEFAULT_RELATIVE_DAMPING
 from .attribution import METHODS, Attribution, AttributionSettings, Attributor
 from .bootstrap import bootstrap_difference
 from .counterfactual import retrain_without_top
+from .ensemble import train_ensemble
 from .lds import LDSResult, Subsets, generate_subsets, lds, lds_targets, oracle_lds, predicted_changes
 from .retrain import RetrainCache, RetrainJob
 
-__all__ = ["EvaluationSettings", "Evaluation", "evaluate", "PAPER_PAIRS"]
+__all__ = ["EvaluationSettings", "Evaluation", "evaluate", "PAPER_PAIRS", "DEFAULT_PAIRS", "DEFAULT_ROW"]
+
+#: the row of the recommended default (``EvaluationSettings.default_method`` over an ensemble, relative λ)
+DEFAULT_ROW = "default"
 
 #: the paper's comparisons: (A, λ of A, B, λ of B, the paper's finding); λ "best" = best swept, None = no λ
 PAPER_PAIRS: tuple = (
@@ -43,6 +51,13 @@ PAPER_PAIRS: tuple = (
     ("K-FAC", "best", "K-FAC GGN^loss", "best", "GGN^model ≥ GGN^loss"),
     ("EK-FAC", 1e-8, "K-FAC", 1e-8, "EK-FAC ≥ K-FAC"), ("oracle", None, "D-TRAK", "best", "oracle highest"),
     ("oracle", None, "pixel", None, "oracle highest"), ("K-FAC", 1e-8, "pixel", None, "(pixel baseline)"))
+#: the recommended default against the best baselines (λ "default" = ``default_damping`` for the default row,
+#: ``kfac_default_damping`` for a K-FAC-family row)
+DEFAULT_PAIRS: tuple = (
+    (DEFAULT_ROW, "default", "D-TRAK", "best", "default > D-TRAK (best λ)"),
+    (DEFAULT_ROW, "default", "pixel", None, "default > pixel similarity"),
+    (DEFAULT_ROW, "default", "EK-FAC", 1e-8, "default > the paper's setting (one model, λ = 1e-8)"),
+    ("oracle", None, DEFAULT_ROW, "default", "oracle highest"))
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,12 @@ class EvaluationSettings:
     """Everything an evaluation's numbers depend on (written to ``results.json``); presets :meth:`quick` /
     :meth:`full` are the digits benchmark's. λ grids are stated per family as ``*_damping_mode`` says
     (``"relative"`` to the method's curvature scale or ``"absolute"``); ``kfac_default_damping`` is the λ of
-    the table's "default" column (the paper's untuned 1e-8, absolute)."""
+    the table's "default" column (the paper's untuned 1e-8, absolute).
+
+    The recommended default's row (``"default"``) is ``default_method`` with λ relative to each model's τ over
+    ``default_dampings`` (its table column at ``default_damping``), averaged over ``ensemble`` full-data models
+    (seeds 0 … E-1, trained into the same cache: E − 1 more trainings on top of the M × K of the LDS);
+    ``default_method=""`` leaves the row out."""
 
     num_subsets: int = 40
     num_seeds: int = 3
@@ -66,24 +86,38 @@ class EvaluationSettings:
     kfac_default_damping: float = 1e-8
     trak_dampings: tuple[float, ...] = tuple(10.0 ** e for e in range(-6, 3))
     trak_damping_mode: str = "relative"
-    pairs: tuple = PAPER_PAIRS
+    default_method: str = "EK-FAC"
+    ensemble: int = DEFAULT_ENSEMBLE
+    default_dampings: tuple[float, ...] = tuple(10.0 ** e for e in range(-4, 2))
+    default_damping: float = DEFAULT_RELATIVE_DAMPING
+    pairs: tuple = PAPER_PAIRS + DEFAULT_PAIRS
     cf_queries: int = 6
     cf_fractions: tuple[float, ...] = (0.02, 0.10)
     cf_seeds: tuple[int, ...] = (0, 1)
     cf_random_sets: int = 2
-    cf_methods: tuple[str, ...] = ("K-FAC (λ=1e-8)", "K-FAC", "TRAK", "D-TRAK", "pixel")
+    cf_methods: tuple[str, ...] = (DEFAULT_ROW, "K-FAC (λ=1e-8)", "K-FAC", "TRAK", "D-TRAK", "pixel")
     bootstrap: int = 1000
     num_workers: int = 2
     seed: int = 0
     measurement_seed: int = 12345
 
     def __post_init__(self) -> None:
-        unknown = [m for m in (*self.kfac_methods, *self.trak_methods, *self.similarity_methods) if m not in METHODS]
+        unknown = [m for m in (*self.kfac_methods, *self.trak_methods, *self.similarity_methods, self.default_method)
+                   if m and m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected names from {list(METHODS)}")
         for f in ("num_subsets", "num_seeds", "num_queries", "target_draws", "num_workers"):
             if int(getattr(self, f)) < 1:
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
+        if self.default_method and METHODS[self.default_method].family != "kfac":
+            raise ValueError(f"default_method must be a K-FAC-family method (its λ is relative to τ), got "
+                             f"{self.default_method!r}")
+        if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, int) or self.ensemble < 1:
+            raise ValueError(f"ensemble (full-data models averaged by the default) must be a positive integer, "
+                             f"got {self.ensemble!r}")
+        if not any(math.isclose(d, self.default_damping, rel_tol=1e-9) for d in self.default_dampings):
+            raise ValueError(f"default_damping={self.default_damping!r} must be one of default_dampings "
+                             f"{self.default_dampings}")
         if self.num_seeds < 2:
             raise ValueError(f"num_seeds must be at least 2 (the oracle needs two seeds), got {self.num_seeds}")
 
@@ -94,7 +128,7 @@ class EvaluationSettings:
     @classmethod
     def quick(cls, **kw) -> "EvaluationSettings":
         base = dict(num_subsets=12, num_seeds=2, num_queries=64, target_draws=256,
-                    attribution=AttributionSettings(grad_draws=32, curvature_draws=16, trak_dim=1024), cf_queries=2,
+                    attribution=AttributionSettings(curvature_draws=16, trak_dim=1024), cf_queries=2,
                     cf_seeds=(0,), cf_random_sets=1, cf_methods=("K-FAC (λ=1e-8)", "D-TRAK"), num_workers=1)
         return cls(**{**base, **kw})
 
@@ -123,10 +157,13 @@ class Evaluation:
     query_images: torch.Tensor | None = None
 
     def at(self, name: str, damping: float | str | None) -> float | None:
-        """The computed λ nearest (in log) to ``damping``; ``"best"`` / None: the best LDS."""
+        """The computed λ nearest (in log) to ``damping``; ``"best"`` / None: the best LDS; ``"default"``: the
+        default row's ``default_damping`` or a K-FAC-family row's ``kfac_default_damping``."""
         res = self.results[name]
         if None in res:
             return None
+        if damping == "default":
+            damping = self.settings.default_damping if name == DEFAULT_ROW else self.settings.kfac_default_damping
         if damping is None or damping == "best":
             return max(res, key=lambda lam: res[lam].mean)
         return min(res, key=lambda lam: abs(math.log10(lam) - math.log10(float(damping))))
@@ -212,6 +249,10 @@ def evaluate(model: DiffusionModel | dict, train: ImageDataset, train_config: Tr
         scores.scores[name], scores.absolute[name], scores.scale[name], scores.damping_mode[name] = \
             {None: mat}, {None: None}, None, None
     lap("scores", t0)
+    if s.default_method:
+        t0 = time.time()
+        _default_row(scores, att, cache, train, q_images, q_ids, s, device)
+        lap(f"default: {s.default_method} over {s.ensemble} model(s)", t0)
     ev = Evaluation(s, subsets, targets, q_ids, orc, scores, timings=timings, model=trained, query_images=q_images)
     t0 = time.time()
     for name in scores.methods:
@@ -239,10 +280,25 @@ def evaluate(model: DiffusionModel | dict, train: ImageDataset, train_config: Tr
     return ev
 
 
+def _default_row(scores: Attribution, att: Attributor, cache: RetrainCache, train: ImageDataset,
+                 q_images: torch.Tensor, q_ids: np.ndarray, s: EvaluationSettings, device: Any) -> None:
+    """Add the recommended default's row to ``scores``: the full-data model ``att`` scores with (its gradients are
+    shared with the single-model rows) and ``s.ensemble - 1`` more models of other seeds, matrices averaged."""
+    models = train_ensemble(cache, train, num_models=s.ensemble, num_workers=s.num_workers, device=device)
+    parts = [att.run((s.default_method,), s.default_dampings, "relative")]
+    for m in models[1:]:
+        parts.append(Attributor(m, train, q_images, q_ids, settings=s.attribution, device=device)
+                     .run((s.default_method,), s.default_dampings, "relative"))
+    ens = Attribution.mean(parts)
+    for d, o in ((scores.scores, ens.scores), (scores.absolute, ens.absolute), (scores.scale, ens.scale),
+                 (scores.damping_mode, ens.damping_mode)):
+        d[DEFAULT_ROW] = o[s.default_method]
+
+
 def _cf_matrix(ev: Evaluation, label: str) -> np.ndarray:
     """``"name"`` at its best λ, or ``"name (λ=v)"`` at the computed λ nearest v."""
     m = re.fullmatch(r"(.+?) \(λ=([0-9.eE+-]+)\)", label)
-    name, lam = (m.group(1), float(m.group(2))) if m else (label, "best")
+    name, lam = (m.group(1), float(m.group(2))) if m else (label, "default" if label == DEFAULT_ROW else "best")
     if name not in ev.results:
         raise ValueError(f"counterfactual method {label!r}: {name!r} was not scored ({list(ev.results)})")
     return ev.attribution.matrix(name, ev.at(name, lam))
@@ -258,7 +314,7 @@ def _paired(ev: Evaluation) -> list[dict]:
         iv = bootstrap_difference(ev.prediction(a, la), ev.prediction(b, lb), ev.targets, num_resamples=s.bootstrap,
                                   seed=s.seed) if s.bootstrap else None
         fmt = lambda n, l: n if l is None or n == "oracle" or None in ev.results.get(n, {}) else \
-            f"{n} (λ={'best' if l == 'best' else f'{l:g}'})"
+            f"{n} (λ={l if isinstance(l, str) else f'{l:g}'})"
         rows.append({"a": fmt(a, la), "b": fmt(b, lb), "finding": finding, "mean": float(d.mean()), "sem": sem,
                      "a_better_fraction": float((d > 0).mean()), "a_better": int((d > 0).sum()), "num": int(d.size),
                      "bootstrap": None if iv is None else iv.to_json()})

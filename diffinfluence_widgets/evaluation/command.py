@@ -19,7 +19,7 @@ from ..data import from_image_folder
 from ..diffusion.model import tiny_unet_config
 from ..diffusion.train import TrainConfig
 from .attribution import METHODS
-from .benchmark import EvaluationSettings, evaluate
+from .benchmark import DEFAULT_ROW, EvaluationSettings, evaluate
 from .report import tables, write_report
 
 __all__ = ["run_on_data", "METHOD_ALIASES"]
@@ -33,7 +33,7 @@ def _settings(args) -> EvaluationSettings:
     kw = {}
     for flag, field in (("num_subsets", "num_subsets"), ("seeds", "num_seeds"), ("num_queries", "num_queries"),
                         ("measure_draws", "target_draws"), ("workers", "num_workers"), ("fraction", "fraction"),
-                        ("cf_queries", "cf_queries"), ("bootstrap", "bootstrap")):
+                        ("cf_queries", "cf_queries"), ("bootstrap", "bootstrap"), ("ensemble", "ensemble")):
         if getattr(args, flag, None) is not None:
             kw[field] = getattr(args, flag)
     if args.cf_fractions:
@@ -42,10 +42,16 @@ def _settings(args) -> EvaluationSettings:
         except ValueError:
             raise SystemExit(f"diffinfluence evaluate: --cf-fractions must be numbers like 0.02,0.1, got "
                              f"{args.cf_fractions!r}") from None
-    att = {f: getattr(args, a) for a, f in (("grad_draws", "grad_draws"), ("curvature_draws", "curvature_draws"),
-                                           ("trak_dim", "trak_dim")) if getattr(args, a) is not None}
+    att = {f: getattr(args, f, None) for f in ("grad_draws", "query_draws", "train_draws", "curvature_draws",
+                                               "trak_dim") if getattr(args, f, None) is not None}
     if att:
-        kw["attribution"] = dataclasses.replace(base.attribution, **att)
+        if "grad_draws" in att:  # both sides; a query / train flag given with it must agree (checked there)
+            att.setdefault("query_draws", att["grad_draws"])
+            att.setdefault("train_draws", att["grad_draws"])
+        try:
+            kw["attribution"] = dataclasses.replace(base.attribution, **att)
+        except ValueError as e:
+            raise SystemExit(f"diffinfluence evaluate: {e}") from None
     if args.methods:
         names = [METHOD_ALIASES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
         bad = [m for m in names if m not in METHODS]
@@ -54,7 +60,7 @@ def _settings(args) -> EvaluationSettings:
                              f"{sorted(METHOD_ALIASES)} or {list(METHODS)}")
         fam = {f: tuple(n for n in names if METHODS[n].family == f) for f in ("kfac", "trak", "similarity")}
         kw.update(kfac_methods=fam["kfac"], trak_methods=fam["trak"], similarity_methods=fam["similarity"],
-                  cf_methods=tuple(m for m in base.cf_methods if m.split(" (")[0] in names))
+                  cf_methods=tuple(m for m in base.cf_methods if m.split(" (")[0] in (*names, DEFAULT_ROW)))
     try:
         return dataclasses.replace(base, **kw)
     except (TypeError, ValueError) as e:

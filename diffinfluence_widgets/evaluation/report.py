@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from .._io import atomic_write
-from .benchmark import Evaluation
+from .benchmark import DEFAULT_ROW, Evaluation
 
 __all__ = ["lds_rows", "tables", "write_report", "damping_figure", "counterfactual_figure", "PAPER_CIFAR2"]
 
@@ -41,7 +41,10 @@ def lds_rows(ev: Evaluation) -> list[dict]:
     for name in ev.results:
         fam = {n: f for f, names in (("kfac", s.kfac_methods), ("trak", s.trak_methods)) for n in names}.get(name)
         best = ev.at(name, "best")
-        if fam == "kfac":
+        if name == DEFAULT_ROW:
+            rows.append(_row(default_label(ev), ev.results[name][ev.at(name, "default")], ev.results[name][best],
+                             best, "—"))
+        elif fam == "kfac":
             rows.append(_row(LABELS.get(name, name), ev.results[name][ev.at(name, s.kfac_default_damping)],
                              ev.results[name][best], best, PAPER_CIFAR2.get(name, "—")))
         elif fam == "trak":
@@ -51,6 +54,19 @@ def lds_rows(ev: Evaluation) -> list[dict]:
                              PAPER_CIFAR2.get(name, "—")))
     rows.append(_row("exact retraining (oracle)", ev.oracle, None, None, PAPER_CIFAR2["oracle"]))
     return rows
+
+
+def default_label(ev: Evaluation) -> str:
+    s = ev.settings
+    return (f"**recommended default**: {s.default_method}, ensemble of {s.ensemble} "
+            f"models, λ = {s.default_damping:g} · τ (relative; best column: relative λ)")
+
+
+def oracle_ratio(ev: Evaluation) -> float | None:
+    """The recommended default's LDS (at its default λ) divided by the oracle's (issue 14 asks for ≥ 0.65)."""
+    if DEFAULT_ROW not in ev.results or not ev.oracle.mean:
+        return None
+    return float(ev.results[DEFAULT_ROW][ev.at(DEFAULT_ROW, "default")].mean / ev.oracle.mean)
 
 
 def _pct(v, e, b=None) -> str:
@@ -71,6 +87,9 @@ def tables(ev: Evaluation) -> str:
         lam = "—" if r["best_damping"] is None else f"{r['best_damping']:.3g}"
         lines.append(f"| {r['method']} | {_pct(r['lds_default'], r['sem_default'], r['boot_sem_default'])} | "
                      f"{_pct(r['lds_best'], r['sem_best'], r['boot_sem_best'])} | {lam} | {r['paper_cifar2']} |")
+    ratio = oracle_ratio(ev)
+    if ratio is not None:
+        lines += ["", f"Recommended default ÷ oracle (LDS at the default λ): {ratio:.2f}."]
     pair = ["| comparison (A − B, per-query LDS) | paper's finding | mean difference (pp) ± s.e. | A better in | "
             "two-way bootstrap 95% interval (pp) |", "|---|---|---|---|---|"]
     for p in ev.paired:
@@ -109,6 +128,9 @@ def damping_figure(ev: Evaluation):
             fig.add_trace(go.Scatter(x=lam, y=[100 * res[l].mean for l in lam], name=name, mode="lines+markers",
                                      error_y=dict(type="data", array=[100 * res[l].sem for l in lam])), row=1, col=col)
         lines = [(ev.oracle.mean, "oracle (exact retraining)", "dash")]
+        if DEFAULT_ROW in ev.results:
+            lines.append((ev.results[DEFAULT_ROW][ev.at(DEFAULT_ROW, "default")].mean, "recommended default",
+                          "dashdot"))
         if "pixel" in ev.results:
             lines.append((ev.results["pixel"][None].mean, "pixel similarity", "dot"))
         for value, label, dash in lines:
@@ -165,7 +187,8 @@ def write_report(ev: Evaluation, out: str | Path, *, command: str = "", extra: d
                 "bootstrap": None if r.interval is None else r.interval.to_json()}
     result = {"settings": ev.settings.to_json(), "command": command.strip(), "timings_s": ev.timings,
               "query_ids": ev.query_ids.tolist(), "table": lds_rows(ev), "paired": ev.paired,
-              "oracle": lds_json(ev.oracle), "counterfactual": ev.counterfactual, "figures": figs,
+              "oracle": lds_json(ev.oracle), "default_over_oracle": oracle_ratio(ev),
+              "counterfactual": ev.counterfactual, "figures": figs,
               "sweeps": {name: {"scale": ev.attribution.scale[name], "mode": ev.attribution.damping_mode[name],
                                 "points": [{"damping": lam, "absolute": ev.attribution.absolute[name][lam],
                                             **lds_json(r)} for lam, r in res.items()]}
