@@ -48,8 +48,8 @@ class Controls(W.VBox):
     def __init__(self, session: AttributionSession, **kwargs):
         self.session = session
         b = session.backend
-        style = {"description_width": "88px"}
-        lay = W.Layout(width="360px")
+        style = {"description_width": "100px"}
+        lay = W.Layout(width="372px")
         self.method = W.Dropdown(options=[(_label(m, METHOD_HELP), m) for m in b.methods], value=session.method,
                                  description="method", style=style, layout=lay,
                                  tooltip="Influence method (damping values are not comparable across families)")
