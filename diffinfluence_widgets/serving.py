@@ -235,6 +235,11 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
                 killed.append(pid)
             except ProcessLookupError:
                 pass
+    # a killed kernel takes a moment to give back its memory and exit (longer on a busy machine): return only when
+    # it is gone, so that "the command exited" means "everything it started has stopped"
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return killed
 
 
