@@ -248,8 +248,9 @@ class _Stop(BaseException):
 
 
 class stop_signals:
-    """Context manager: SIGTERM and SIGHUP raise :class:`_Stop` in the main thread, so ``finally`` blocks run and
-    the children are stopped; the previous handlers are restored on exit."""
+    """Context manager: SIGTERM and SIGHUP raise :class:`_Stop` and SIGINT raises ``KeyboardInterrupt`` in the main
+    thread (also where SIGINT was inherited as ignored), so ``finally`` blocks run and the children are stopped; the
+    previous handlers are restored on exit."""
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 
@@ -258,6 +259,8 @@ class stop_signals:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._raise)
+            # Ctrl-C stops the server even where SIGINT came in ignored (a command started with `&` from a script)
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     @staticmethod
