@@ -39,7 +39,7 @@ from ._io import atomic_write_bytes
 from .app import APP_READY
 
 __all__ = ["ServeError", "check_port", "demo_cache_problem", "voila_config", "VoilaServer", "descendants",
-           "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES"]
+           "process_alive", "stop_process_tree", "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES"]
 
 
 class ServeError(RuntimeError):
@@ -198,7 +198,8 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -227,9 +228,9 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
     killed = []
     deadline = time.monotonic() + 5
     for pid in kids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if process_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -238,7 +239,7 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
     # a killed kernel takes a moment to give back its memory and exit (longer on a busy machine): return only when
     # it is gone, so that "the command exited" means "everything it started has stopped"
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.05)
     return killed
 

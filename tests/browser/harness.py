@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from html import unescape
 from pathlib import Path
 
 import nbformat
+
+from diffinfluence_widgets.serving import stop_process_tree
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 BIN = Path(sys.executable).parent
@@ -175,53 +176,9 @@ def wait_http(url: str, srv: Server, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s; log:\n{srv.log.read_text()[-3000:]}")
 
 
-def _children(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(p.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def stop_server(srv: Server) -> list[int]:
-    """SIGTERM the server by PID (it shuts its kernels down); SIGKILL any recorded child still alive."""
-    kids = _children(srv.proc.pid)
-    if srv.proc.poll() is None:
-        srv.proc.send_signal(signal.SIGTERM)
-        try:
-            srv.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait(5)
-    left = []
-    deadline = time.monotonic() + 5
-    for pid in kids:
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            left.append(pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return left
+    """SIGTERM the server by PID (it shuts its kernels down); SIGKILL any recorded child still alive (returned)."""
+    return stop_process_tree(srv.proc)
 
 
 def lab_delete_sessions(srv: Server) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import harness as H
+from diffinfluence_widgets.serving import descendants, process_alive
 from diffinfluence_widgets.widgets.controls import MEASUREMENT_HELP, METHOD_HELP, _label
 
 pytestmark = pytest.mark.browser
@@ -49,9 +50,7 @@ class Served:
         self.proc, self.url, self.log = proc, url, log
 
     def processes(self) -> dict[str, list[int]]:
-        from diffinfluence_widgets.serving import descendants
-
-        kids = [p for p in descendants(self.proc.pid) if H._alive(p)]
+        kids = [p for p in descendants(self.proc.pid) if process_alive(p)]
         return {"voila": [p for p in kids if " -m voila " in _cmdline(p) + " "],
                 "kernels": [p for p in kids if "ipykernel_launcher" in _cmdline(p)]}
 
@@ -91,7 +90,7 @@ def served(backend, tmp_path_factory):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        left = [p for p in kids["voila"] + kids["kernels"] if H._alive(p)]
+        left = [p for p in kids["voila"] + kids["kernels"] if process_alive(p)]
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert left == [], f"survived SIGTERM of the CLI: {left}"
