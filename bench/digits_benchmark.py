@@ -72,6 +72,8 @@ def override(obj, field: str, value: str):
     if isinstance(cur, tuple):
         conv = type(cur[0]) if cur else float
         val = tuple(conv(x) for x in value.split(",")) if value else ()
+    elif cur is None:  # an optional number (e.g. query_sample_seed)
+        val = None if value.lower() == "none" else (int(value) if value.lstrip("-").isdigit() else float(value))
     else:
         val = type(cur)(value)
     return dataclasses.replace(obj, **{head: val})

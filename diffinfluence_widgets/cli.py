@@ -99,6 +99,9 @@ def _add_data_arguments(e: argparse.ArgumentParser) -> None:
     g.add_argument("--cf-fractions", default=None, help="comma-separated shares removed per query (default: "
                                                          "0.02,0.1)")
     g.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: 1000)")
+    g.add_argument("--query-sample-seed", type=int, default=None,
+                   help="seed of the generated queries (default: 1000): another value evaluates a fresh query set "
+                        "on the same retrained models, e.g. a validation set for choosing λ")
 
 
 def build_parser() -> argparse.ArgumentParser:

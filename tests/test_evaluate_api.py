@@ -2,6 +2,7 @@
 bootstrap intervals, tables and results.json written; the same protocol as bench/digits_benchmark.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -73,6 +74,13 @@ def test_evaluate_on_an_image_folder_end_to_end(tmp_path):
     again = evaluate(cfg, train, RECIPE, tmp_path / "cache", settings=TINY, progress=False)
     assert sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir()) == jobs
     assert np.array_equal(again.targets, ev.targets) and tables(again) == tables(ev)
+    # a fresh query set (e.g. for choosing λ without the evaluation's queries): same models and subsets, nothing
+    # retrained, other queries and targets
+    val = evaluate(cfg, train, RECIPE, tmp_path / "cache", progress=False,
+                   settings=dataclasses.replace(TINY, query_sample_seed=7, cf_queries=0))
+    assert sorted(p.name for p in (tmp_path / "cache" / "jobs").iterdir()) == jobs
+    assert np.array_equal(val.subsets.kept, ev.subsets.kept) and not torch.equal(val.query_images, ev.query_images)
+    assert val.targets.shape == ev.targets.shape and not np.array_equal(val.targets, ev.targets)
 
 
 def test_evaluate_refuses_mismatched_model_and_data(tmp_path):
@@ -83,6 +91,9 @@ def test_evaluate_refuses_mismatched_model_and_data(tmp_path):
         evaluate(tiny_unet_config(8, 1), train.images, RECIPE, tmp_path / "cache", settings=TINY)
     with pytest.raises(ValueError, match="unknown methods"):
         EvaluationSettings(trak_methods=("TRAK2",))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"query_sample_seed must be a non-negative integer or None, got {bad!r}"):
+            EvaluationSettings(query_sample_seed=bad)
 
 
 @pytest.mark.slow

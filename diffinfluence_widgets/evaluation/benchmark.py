@@ -100,6 +100,10 @@ class EvaluationSettings:
     num_workers: int = 2
     seed: int = 0
     measurement_seed: int = 12345
+    #: seed of the generated queries (``None``: ``seed + 1000``). Another value draws a fresh, disjoint query set
+    #: for the same models and subsets (nothing is retrained): a validation set on which to choose λ or a method
+    #: without looking at the evaluation's own queries
+    query_sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in (*self.kfac_methods, *self.trak_methods, *self.similarity_methods, self.default_method)
@@ -118,6 +122,9 @@ class EvaluationSettings:
         if not any(math.isclose(d, self.default_damping, rel_tol=1e-9) for d in self.default_dampings):
             raise ValueError(f"default_damping={self.default_damping!r} must be one of default_dampings "
                              f"{self.default_dampings}")
+        qs = self.query_sample_seed
+        if qs is not None and (isinstance(qs, bool) or not isinstance(qs, int) or qs < 0):
+            raise ValueError(f"query_sample_seed must be a non-negative integer or None, got {qs!r}")
         if self.num_seeds < 2:
             raise ValueError(f"num_seeds must be at least 2 (the oracle needs two seeds), got {self.num_seeds}")
 
@@ -223,7 +230,8 @@ def evaluate(model: DiffusionModel | dict, train: ImageDataset, train_config: Tr
     trained.unet.eval()
     lap("train full-data model", t0)
     t0 = time.time()
-    gen = sample(trained, s.num_queries, seed=s.seed + 1000, device=device)
+    query_seed = s.seed + 1000 if s.query_sample_seed is None else s.query_sample_seed
+    gen = sample(trained, s.num_queries, seed=query_seed, device=device)
     q_images, q_ids = gen.images.float().clamp(-1, 1).cpu(), np.arange(s.num_queries, dtype=np.int64)
     lap("generate queries", t0)
 

@@ -33,7 +33,8 @@ def _settings(args) -> EvaluationSettings:
     kw = {}
     for flag, field in (("num_subsets", "num_subsets"), ("seeds", "num_seeds"), ("num_queries", "num_queries"),
                         ("measure_draws", "target_draws"), ("workers", "num_workers"), ("fraction", "fraction"),
-                        ("cf_queries", "cf_queries"), ("bootstrap", "bootstrap"), ("ensemble", "ensemble")):
+                        ("cf_queries", "cf_queries"), ("bootstrap", "bootstrap"), ("ensemble", "ensemble"),
+                        ("query_sample_seed", "query_sample_seed")):
         if getattr(args, flag, None) is not None:
             kw[field] = getattr(args, flag)
     if args.cf_fractions:

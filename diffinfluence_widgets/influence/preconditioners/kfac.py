@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ...config import DEFAULT_KFAC_DAMPING, Method, StoreSpace, check_damping, choice
+from ...config import DEFAULT_RELATIVE_DAMPING, Method, StoreSpace, check_damping, choice
 from ..projection import KroneckerProjector
 from .base import Layers, PreconditionerBase, PreconditionerContext
 
@@ -103,7 +103,6 @@ class KFACPreconditioner(PreconditionerBase):
     """``(G + λI)⁻¹`` with the EK-FAC (``method="ekfac"``) or K-FAC (``"kfac"``) eigenvalues of the curvature."""
 
     store = "loss"
-    default_damping = DEFAULT_KFAC_DAMPING
     exact = True
     train_key = "curvature-eigenbasis"
 
@@ -114,6 +113,9 @@ class KFACPreconditioner(PreconditionerBase):
         self.engine = KFACQuery(ctx.curvature, ctx.projector, space=ctx.space, whiten_damping=ctx.whiten_damping,
                                 eigenvalues=ctx.method, dtype=ctx.query_dtype)
         self.damping_scale = self.engine.tau
+        #: the recommended λ = 1e-3 · τ (issue 14: an absolute λ means something else for every model and loss
+        #: scale); the paper's absolute 1e-8 is one slider move or ``damping=1e-8`` away
+        self.default_damping = DEFAULT_RELATIVE_DAMPING * self.damping_scale
         # large-λ route of an eigen store: the plain parameter-space array
         self.switch_damping = ctx.switch_damping if ctx.space == StoreSpace.EIGEN else None
         self.param_engine = None if self.switch_damping is None else KFACQuery(
