@@ -45,8 +45,9 @@ FORWARDED = ("train_images", "queries", "generate_query", "scores", "search", "r
              "map_2d_query")
 #: optional methods of the Protocol: the client has them only where the served backend has them
 OPTIONAL = ("refine", "map_2d_query")
-#: prepared queries the server keeps for all pages together (each ~40 MB on the demo)
-SERVER_PREPARE_CACHE = 6
+#: prepared queries the server keeps for all pages together (each up to ~40 MB on the demo: the rotated query, its
+#: bands, the exact stage's state); an evicted one is prepared again on its next use (2-4 s on the demo)
+SERVER_PREPARE_CACHE = 4
 
 
 class BackendStopped(RuntimeError):

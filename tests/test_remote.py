@@ -239,6 +239,17 @@ def test_the_servers_death_is_one_clear_line():
         RemoteBackend.from_env({})
 
 
+def test_a_thin_kernel_imports_no_torch():
+    """What the served app imports on the remote path (a fresh interpreter) leaves torch, diffusers, FAISS, scipy
+    and scikit-learn out of ``sys.modules``."""
+    code = ("import sys; from diffinfluence_widgets import app, demo_names, remote, session, widgets; "
+            "from diffinfluence_widgets.app import open_backend, backend_stopped_view; "
+            "from diffinfluence_widgets.widgets import InfluenceExplorer; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'faiss', 'scipy', 'sklearn') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
 THIN_KERNEL = """
 import sys, json
 from diffinfluence_widgets.app import open_backend
