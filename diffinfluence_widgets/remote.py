@@ -66,11 +66,13 @@ class BackendServer:
     """Serve one backend to many :class:`RemoteBackend` clients on a Unix socket.
 
     ``backend``: the backend itself, or a function returning it (called on a thread once the socket listens, so
-    clients may connect while it loads; they wait for it). ``authkey``: bytes every client must know.
+    clients may connect while it loads; they wait for it). ``authkey``: bytes every client must know. ``warm``:
+    prepare the session's default query (first query, measurement and method) before answering anyone.
     """
 
     def __init__(self, backend: Any | Callable[[], Any], address: str | Path, authkey: bytes, *,
-                 prepare_cache_size: int = SERVER_PREPARE_CACHE, after_call: Callable[[], None] | None = None):
+                 prepare_cache_size: int = SERVER_PREPARE_CACHE, after_call: Callable[[], None] | None = None,
+                 warm: bool = False):
         if not isinstance(authkey, bytes) or len(authkey) < 16:
             raise ValueError(f"authkey must be at least 16 random bytes, got {type(authkey).__name__} "
                              f"of length {len(authkey) if hasattr(authkey, '__len__') else '?'}")
@@ -85,6 +87,7 @@ class BackendServer:
         self._prepared: "OrderedDict[tuple, PreparedQuery]" = OrderedDict()
         self._prepare_cache_size = int(prepare_cache_size)
         self._after_call = after_call
+        self._warm = bool(warm)
         self._listener: Listener | None = None
         self._closed = threading.Event()
         self.stats = {"connections": 0, "refused": 0, "calls": 0, "prepare_calls": 0, "prepare_hits": 0}
@@ -106,8 +109,17 @@ class BackendServer:
             self.backend = self._factory()
         except BaseException as e:  # reported to every client and to the process's main loop
             self.load_error = e
-        finally:
             self.loaded.set()
+            return
+        if self._warm:  # the query every new page opens on: its first answer is then instant
+            b = self.backend
+            try:
+                qs = b.queries()
+                if qs:
+                    self._prepare(_prepared_key(qs[0].id, b.measurements[0], b.methods[0], None))
+            except Exception:  # not fatal: the page that asks for it gets the error
+                pass
+        self.loaded.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -363,16 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     def load():
         from .demo import load_or_build_demo  # torch: in this process only, never in the kernels
 
-        b = load_or_build_demo(a.config, a.cache_dir, threads=a.threads, progress=False)
-        print(f"{BACKEND_READY} ({len(b.train_ids)} training images, {time.perf_counter() - t0:.1f} s, "
-              f"{a.threads} thread{'s' if a.threads != 1 else ''})", flush=True)
-        return b
+        return load_or_build_demo(a.config, a.cache_dir, threads=a.threads, progress=False)
 
-    server = BackendServer(load, address, bytes.fromhex(key),
+    server = BackendServer(load, address, bytes.fromhex(key), warm=True,
                            after_call=None if trim is None else (lambda: trim(0))).start()
     done = threading.Event()
     threading.Thread(target=_watch_parent, args=(os.getppid(), done.set), daemon=True).start()
     server.loaded.wait()
+    if server.load_error is None:
+        print(f"{BACKEND_READY} ({len(server.backend.train_ids)} training images, the first query prepared, "
+              f"{time.perf_counter() - t0:.1f} s, {a.threads} thread{'s' if a.threads != 1 else ''})", flush=True)
     if server.load_error is not None:
         e = server.load_error
         print(f"diffinfluence: the influence backend could not load: {type(e).__name__}: {e}", file=sys.stderr,

@@ -52,7 +52,8 @@ class Served:
     def processes(self) -> dict[str, list[int]]:
         kids = [p for p in descendants(self.proc.pid) if process_alive(p)]
         return {"voila": [p for p in kids if " -m voila " in _cmdline(p) + " "],
-                "kernels": [p for p in kids if "ipykernel_launcher" in _cmdline(p)]}
+                "kernels": [p for p in kids if "ipykernel_launcher" in _cmdline(p)],
+                "backend": [p for p in kids if "diffinfluence_widgets.remote" in _cmdline(p)]}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def served(backend, tmp_path_factory):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        left = [p for p in kids["voila"] + kids["kernels"] if process_alive(p)]
+        left = [p for p in kids["voila"] + kids["kernels"] + kids["backend"] if process_alive(p)]
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert left == [], f"survived SIGTERM of the CLI: {left}"
@@ -149,9 +150,9 @@ def assert_consistent(page, st: dict) -> dict:
 def test_reloads_free_their_kernels_and_memory(page, served, browser):
     st, first = open_app(page, served)
     procs = served.processes()
-    assert len(procs["voila"]) == 1
-    server = procs["voila"][0]
-    rss0 = _rss_mb(server)
+    assert len(procs["voila"]) == 1 and len(procs["backend"]) == 1  # one backend process for every page
+    server, shared = procs["voila"][0], procs["backend"][0]
+    rss0, shared0 = _rss_mb(server), _rss_mb(shared)
     times = []
     for _ in range(5):
         before = set(served.processes()["kernels"])
@@ -172,12 +173,14 @@ def test_reloads_free_their_kernels_and_memory(page, served, browser):
     while time.monotonic() < deadline and len(served.processes()["kernels"]) > 2:
         time.sleep(1)
     kernels = served.processes()["kernels"]
-    rss1 = _rss_mb(server)
-    total = rss1 + sum(_rss_mb(k) for k in kernels)
+    rss1, shared1 = _rss_mb(server), _rss_mb(shared)
+    total = rss1 + shared1 + sum(_rss_mb(k) for k in kernels)
     print(f"first page {first:.1f} s; reloads {', '.join(f'{t:.1f}' for t in times)} s; server RSS {rss0:.0f} → "
-          f"{rss1:.0f} MB; {len(kernels)} kernels alive with the page open; server + kernels {total:.0f} MB")
+          f"{rss1:.0f} MB; backend {shared0:.0f} → {shared1:.0f} MB; {len(kernels)} kernels alive with the page "
+          f"open; server + backend + kernels {total:.0f} MB")
     assert len(kernels) <= 2, f"kernels leaked: {kernels}"
     assert rss1 - rss0 <= 200, (rss0, rss1)
+    assert shared1 - shared0 <= 200, (shared0, shared1)  # the pages share its prepared queries (a bounded LRU)
     # closing the page: its kernel goes as well; only the preheated spare stays
     page.goto("about:blank")
     deadline = time.monotonic() + 90
