@@ -98,6 +98,7 @@ class BackendServer:
         self._listener = Listener(self.address, family="AF_UNIX", authkey=self._authkey)
         os.chmod(self.address, 0o600)
         if self._factory is None:
+            self._warm_up()
             self.loaded.set()
         else:
             threading.Thread(target=self._load, name="backend-load", daemon=True).start()
@@ -111,15 +112,20 @@ class BackendServer:
             self.load_error = e
             self.loaded.set()
             return
-        if self._warm:  # the query every new page opens on: its first answer is then instant
-            b = self.backend
-            try:
-                qs = b.queries()
-                if qs:
-                    self._prepare(_prepared_key(qs[0].id, b.measurements[0], b.methods[0], None))
-            except Exception:  # not fatal: the page that asks for it gets the error
-                pass
+        self._warm_up()
         self.loaded.set()
+
+    def _warm_up(self) -> None:
+        """With ``warm``: prepare the query every new page opens on, so that its first answer is instant."""
+        if not self._warm:
+            return
+        b = self.backend
+        try:
+            qs = b.queries()
+            if qs:
+                self._prepare(_prepared_key(qs[0].id, b.measurements[0], b.methods[0], None))
+        except Exception:  # not fatal: the page that asks for it gets the error
+            pass
 
     def close(self) -> None:
         self._closed.set()
@@ -136,8 +142,11 @@ class BackendServer:
             except AuthenticationError:  # a client without the key: refused, the server goes on
                 self.stats["refused"] += 1
                 continue
-            except OSError:  # closed
-                return
+            except (EOFError, OSError):  # closed by close(), or a client that hung up during the handshake
+                if self._closed.is_set():
+                    return
+                time.sleep(0.01)
+                continue
             self.stats["connections"] += 1
             threading.Thread(target=self._serve, args=(conn,), name="backend-conn", daemon=True).start()
 

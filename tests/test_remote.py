@@ -212,6 +212,11 @@ def test_two_clients_at_once_share_prepared_queries(standin_server):
 def test_a_wrong_key_is_refused(standin_server):
     with pytest.raises(PermissionError, match="refused"):
         RemoteBackend(standin_server.address, secrets.token_bytes(32))
+    import socket
+
+    for _ in range(3):  # clients that hang up during the handshake do not stop the server either
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(standin_server.address)
     ok = standin_server.client()  # the server goes on serving the right key
     assert len(ok.train_ids) == 300 and ok.server_stats()["refused"] >= 1
     ok.close()
