@@ -112,6 +112,18 @@ def wait_ready(page, after: int = 0, timeout=120_000) -> dict:
     return H.python_status(page)
 
 
+def wait_settled(page, after: int, timeout=180_000, **want) -> dict:
+    """:func:`wait_ready` until the shown result has the settings ``want`` (e.g. ``query_id=…``): an answer for the
+    previous settings (a refinement finished just before the click reached Python) may be shown first, correctly
+    labelled, and is then replaced."""
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        st = wait_ready(page, after, timeout=timeout)
+        if all(st.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+            return st
+        after = st["request_id"]
+
+
 def open_app(page, served) -> tuple[dict, float]:
     t0 = time.monotonic()
     page.goto(served.url, wait_until="domcontentloaded", timeout=120_000)
@@ -207,10 +219,10 @@ def test_query_labels_invalid_combination_and_consistent_settings(page, served, 
     held = next(x.id for x in queries if x.kind == "heldout")
     # a generated query: Journey-TRAK is offered and works
     page.click(f".dinf-picker .dinf-query[data-id='{gen}']")
-    st = wait_ready(page, st["request_id"])
+    st = wait_settled(page, st["request_id"], query_id=gen)
     assert METHOD_HELP["journey_trak"] in settings_named(page)["method_options"]
     page.select_option(".dinf-method select", label=METHOD_HELP["journey_trak"])
-    st = wait_ready(page, st["request_id"], timeout=180_000)
+    st = wait_settled(page, st["request_id"], method="journey_trak")
     assert st["method"] == "journey_trak"
     tile = page.locator(f"{H.GALLERY} .dinf-tile[data-role=proponent]").first
     tile.click()  # pin the larger view
@@ -220,7 +232,7 @@ def test_query_labels_invalid_combination_and_consistent_settings(page, served, 
     H.screenshot(page, "served-01-journey-trak")
     # a held-out query: Journey-TRAK cannot go with it — the method switches, the option is gone, the reason shown
     page.click(f".dinf-picker .dinf-query[data-id='{held}']")
-    st = wait_ready(page, st["request_id"], timeout=180_000)
+    st = wait_settled(page, st["request_id"], query_id=held)
     assert st["query_id"] == held and st["method"] != "journey_trak"
     page.wait_for_function("() => document.querySelector('.dinf-zoom-text').textContent.includes('for query "
                            f"{held},')")
