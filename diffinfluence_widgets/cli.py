@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # The package's modules (torch, numpy) and Pillow are imported inside the commands, on purpose: --threads sets OMP_NUM_THREADS,
@@ -145,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shut down a kernel whose page was closed or reloaded after this many idle seconds "
                         "(default: %(default)s)")
     s.add_argument("--pool-size", type=_pool_size, default="auto",
-                   help="kernels kept preheated (the app already run) so a page opens in seconds; 0 starts each "
-                        "page's kernel on demand (10-15 s, one kernel less: ~0.8 GB for the demo); 'auto': 1 when "
-                        "3 GB of memory are available (cgroup limits included), else 0 (default: %(default)s)")
+                   help="kernels kept preheated (the app already run) so a page opens at once; 0 starts each "
+                        "page's kernel on demand (a few seconds more, one thin kernel less: ~0.1 GB; the backend "
+                        "itself runs once, in its own process); 'auto': 1 when 1.5 GB of memory are available "
+                        "(cgroup limits included), else 0 (default: %(default)s)")
 
     d = sub.add_parser("demo", parents=[common, serve], formatter_class=fmt,
                        help="build (or reuse) the digits demo and serve the explorer (or --headless: write a report)",
@@ -330,39 +332,51 @@ def _serve_demo(args) -> int:
 
 def _serve(args, config: str, cache_dir: Path) -> int:
     from .app import write_app_notebook
-    from .serving import ServeError, VoilaServer, stop_signals
+    from .serving import BackendProcess, ServeError, VoilaServer, stop_signals
 
     app_dir = Path(cache_dir) / "app"
     nb = write_app_notebook(app_dir / "explorer.ipynb", config=config, cache_dir=str(Path(cache_dir).resolve()),
                             threads=args.threads)
-    server = VoilaServer(nb, args.port, app_dir / "jupyter-config", env={"OMP_NUM_THREADS": str(args.threads)},
-                         cull_idle=args.cull_idle, pool_size=args.pool_size, verbose=not args.quiet)
+    # one backend process for every page: the kernels connect to it (address and key in their environment)
+    backend = BackendProcess(config, Path(cache_dir).resolve(), threads=args.threads, verbose=not args.quiet)
     spare = "preheating the app" if args.pool_size else "no preheated kernel"
     if getattr(args, "pool_auto", False) and not args.pool_size:
-        spare += ": less than 3 GB of memory available (--pool-size auto)"
-    print(f"starting Voila on http://127.0.0.1:{args.port}/ ({spare}) …", flush=True)
+        spare += ": less than 1.5 GB of memory available (--pool-size auto)"
+    print(f"loading the influence backend and starting Voila on http://127.0.0.1:{args.port}/ ({spare}) …",
+          flush=True)
     stopped = True
+    server = None
     with stop_signals():
         try:
+            backend.start()
+            server = VoilaServer(nb, args.port, app_dir / "jupyter-config",
+                                 env={"OMP_NUM_THREADS": "1", **backend.env}, cull_idle=args.cull_idle,
+                                 pool_size=args.pool_size, verbose=not args.quiet)
             server.start()
+            backend.wait_ready()
             server.wait_ready()
             print(f"\n  The explorer is ready: {server.url}\n"
                   f"  (the token in the URL is this server's password; Ctrl-C to stop)\n"
                   f"  On a remote machine: ssh -L {args.port}:127.0.0.1:{args.port} <user>@<host>, then open "
                   "the URL above locally.\n", flush=True)
-            if args.exit_after is not None:
-                try:
-                    server.proc.wait(timeout=args.exit_after)
-                except subprocess.TimeoutExpired:
-                    pass
+            deadline = None if args.exit_after is None else time.monotonic() + args.exit_after
+            # until Voila exits, the backend process dies (then everything stops: it is not restarted) or time is up
+            while server.proc.poll() is None and backend.alive():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+            if not backend.alive():
+                print(f"diffinfluence: {backend.problem()}; stopping the server", file=sys.stderr, flush=True)
+                stopped = False
             else:
-                server.proc.wait()
-            stopped = server.proc.poll() is None or server.proc.returncode in (0, -signal.SIGTERM)
+                stopped = server.proc.poll() is None or server.proc.returncode in (0, -signal.SIGTERM)
         except ServeError as e:
             print(f"diffinfluence: {e}", file=sys.stderr)
             stopped = False
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
+            backend.stop()
     return 0 if stopped else 1
 
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 __all__ = ["CONFIG_NAMES", "CACHE_ENV", "SMALL_ENV", "CACHE_FORMAT", "CACHE_VERSION", "DemoCacheError",
+           "BACKEND_ADDRESS_ENV", "BACKEND_KEY_ENV",
            "check_config_name", "config_from_env", "default_cache_dir"]
 
 #: the demo configs (``demo.DEMO_CONFIGS`` holds their settings; a test keeps the two in step)
@@ -20,6 +21,10 @@ CONFIG_NAMES = ("demo", "tiny")
 CACHE_ENV = "DIFFINFLUENCE_CACHE"
 #: ``DIFFINFLUENCE_SMALL=1`` makes notebooks and ``config_from_env()`` pick the ``"tiny"`` config
 SMALL_ENV = "DIFFINFLUENCE_SMALL"
+#: where ``diffinfluence serve``'s one backend process listens (a Unix socket in a private folder) and its key (hex):
+#: set for Voila and so for every kernel it starts; the served app then uses that backend instead of loading its own
+BACKEND_ADDRESS_ENV = "DIFFINFLUENCE_BACKEND_ADDRESS"
+BACKEND_KEY_ENV = "DIFFINFLUENCE_BACKEND_KEY"
 CACHE_FORMAT = "diffinfluence-demo-cache"
 CACHE_VERSION = 1
 

@@ -75,7 +75,8 @@ class RefiningMixin:
             stale = not self._worker.is_latest("result", parent) or self.settings != settings
             if err is not None:
                 if not stale:
-                    self.set_trait("error", f"refining failed: {type(err).__name__}: {err}")
+                    self.set_trait("error", str(err) if getattr(err, "plain", False)  # e.g. the backend stopped
+                                   else f"refining failed: {type(err).__name__}: {err}")
             elif out is None or stale:  # a newer request exists: this answer belongs to settings no longer shown
                 self.stats["refine_stale"] += 1
             else:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from ._io import atomic_write_bytes as _atomic_write
 from .backend import SIGN_CONVENTION
@@ -138,6 +137,8 @@ def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float, 
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"score vectors must have the same shape, got {a.shape} and {b.shape}")
+    from scipy import stats  # ~1 s of imports: only when ranks are compared, not when a kernel starts
+
     rho = float(stats.spearmanr(a, b).statistic) if a.size > 1 else float("nan")
     tau = float(stats.kendalltau(a, b).statistic) if a.size > 1 else float("nan")
     k = max(1, min(int(k), a.size))
@@ -149,6 +150,8 @@ def rank_agreement(a: np.ndarray, b: np.ndarray, k: int) -> tuple[float, float, 
 def sweep_ranks(scores_at, reference: float, dampings, k: int, train_ids: np.ndarray) -> SweepResult:
     """Ranks, top-k overlap and Spearman correlation of the top-k at ``reference`` across ``dampings``;
     ``scores_at(λ)`` gives all training scores at λ (``train_ids`` order)."""
+    from scipy import stats  # ~1 s of imports: only when a sweep is drawn, not when a kernel starts
+
     dampings = np.asarray(sorted(float(d) for d in dampings), dtype=np.float64)
     s_ref = scores_at(reference)
     top = np.argsort(-s_ref, kind="stable")[:k]

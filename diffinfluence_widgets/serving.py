@@ -1,8 +1,17 @@
-"""Serving the explorer with Voila: port check, a cache check that loads nothing, and a server that stops cleanly.
+"""Serving the explorer with Voila: port check, a cache check that loads nothing, one shared backend process, and a
+server that stops cleanly.
 
 ``diffinfluence serve`` / ``demo`` hold no backend themselves: they check the port first, then whether the demo
-cache is complete (by reading its small JSON manifests only), build it in a child process when it is not, and run
-Voila with
+cache is complete (by reading its small JSON manifests only), build it in a child process when it is not, then start
+
+- **one backend process** (:class:`BackendProcess`: ``python -m diffinfluence_widgets.remote``) that loads the demo
+  backend once and answers every page's kernel over a Unix socket in a private 0700 folder, authenticated with a
+  random key; address and key reach the kernels through Voila's environment, never a command line. The kernels are
+  thin (:class:`~diffinfluence_widgets.remote.RemoteBackend`: no torch, ~0.1 GB instead of ~0.8 GB each) and share
+  its prepared queries. If the backend process dies, every page says "the influence backend stopped: …" in one
+  line and this command stops the whole server with exit status 1 (it does not restart the backend);
+
+and Voila with
 
 - a random **token** (the printed URL carries it; the token travels in a private config file, not on the
   command line, so other local users cannot read it from the process list);
@@ -13,11 +22,11 @@ Voila with
   **kernel culling** stays the fallback: a kernel with no open page is shut down after ``cull_idle`` seconds idle
   (``cull_connected=False``);
 - **preheated kernels** (a pool of ``pool_size``; the pooled kernel has already run the app, so a page is ready in
-  about a second instead of 10–13 s of imports and loading);
+  a second or two instead of waiting for a kernel to start; with thin kernels a spare costs ~0.1 GB);
 - terminal noise filtered ("not trusted", websocket ping warnings).
 
-SIGTERM, SIGINT and SIGHUP stop Voila and every process it started (kernels run in their own sessions, so they are
-found through ``/proc`` and stopped by PID after Voila had its chance to shut them down).
+SIGTERM, SIGINT and SIGHUP stop Voila, the backend process and every process they started (kernels run in their own
+sessions, so they are found through ``/proc`` and stopped by PID after Voila had its chance to shut them down).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,9 +47,11 @@ from pathlib import Path
 
 from ._io import atomic_write_bytes
 from .app import APP_READY
+from .demo_names import BACKEND_ADDRESS_ENV, BACKEND_KEY_ENV
 
 __all__ = ["ServeError", "check_port", "demo_cache_problem", "voila_config", "VoilaServer", "descendants",
-           "process_alive", "stop_process_tree", "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES"]
+           "process_alive", "stop_process_tree", "stop_signals", "available_memory", "auto_pool_size", "SPARE_NEEDS_BYTES",
+           "BackendProcess", "BACKEND_READY"]
 
 
 class ServeError(RuntimeError):
@@ -93,10 +105,10 @@ def demo_cache_problem(config: str, cache_dir: str | Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-#: memory ``--pool-size auto`` asks for before keeping a preheated spare kernel: the open page's kernel, the spare,
-#: and a reloaded page's old kernel that waits for culling (Voila's shutdown on unload is refused), ~0.8 GB each on
-#: the demo (bench/RESULTS.md), plus Voila and the command line (~0.17 GB) and a margin
-SPARE_NEEDS_BYTES = 3 << 30
+#: memory ``--pool-size auto`` asks for before keeping a preheated spare kernel: the one backend process (~0.8 GB on
+#: the demo), Voila and the command line (~0.17 GB), and thin kernels (~0.1 GB each: the open page's, the spare, and
+#: a reloaded page's old one until it is freed), with a margin (bench/RESULTS.md, "one shared backend")
+SPARE_NEEDS_BYTES = 3 << 29  # 1.5 GiB
 
 
 def _read_int(path: str) -> int | None:
@@ -129,8 +141,8 @@ def available_memory() -> int | None:
 
 
 def auto_pool_size(avail: int | None = None) -> int:
-    """``--pool-size auto``: one preheated spare kernel (a page ready in ~1-5 s instead of 10-15 s) when
-    :data:`SPARE_NEEDS_BYTES` are available, else none (a 1-2 GB Binder or classroom VM: one kernel per page)."""
+    """``--pool-size auto``: one preheated spare kernel (a page ready at once instead of after a kernel start) when
+    :data:`SPARE_NEEDS_BYTES` are available, else none (under 1.5 GB: one kernel started per page)."""
     avail = available_memory() if avail is None else avail
     return 1 if avail is not None and avail >= SPARE_NEEDS_BYTES else 0
 
@@ -371,6 +383,77 @@ class VoilaServer:
             self.status_file.unlink()
         except OSError:
             pass
+        return killed
+
+
+# ---------------------------------------------------------------------------------------------- the backend process
+#: the line :mod:`diffinfluence_widgets.remote` prints once its backend is loaded (kept in step by a test)
+BACKEND_READY = "diffinfluence: influence backend ready"
+
+
+@dataclass
+class BackendProcess:
+    """The one backend of a server: ``python -m diffinfluence_widgets.remote`` (a child of this process, in its own
+    session) listening on a Unix socket in a private 0700 folder, with a random key. :attr:`env` (address and key)
+    goes to Voila's environment, so every kernel finds it; neither is ever on a command line."""
+
+    config: str
+    cache_dir: Path
+    threads: int = 1
+    verbose: bool = True
+    proc: subprocess.Popen | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    log_lines: list = field(default_factory=list)
+    folder: Path | None = None
+    env: dict = field(default_factory=dict)
+
+    def start(self) -> "BackendProcess":
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="dinf-backend-"))  # mode 0700: only this user reaches the socket
+        os.chmod(self.folder, 0o700)
+        self.env = {BACKEND_ADDRESS_ENV: str(self.folder / "backend.sock"), BACKEND_KEY_ENV: secrets.token_hex(32)}
+        env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "diffinfluence_widgets.remote", self.config, str(self.cache_dir),
+               "--threads", str(self.threads)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True, bufsize=1)
+        threading.Thread(target=self._pump, name="backend-log", daemon=True).start()
+        return self
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log_lines.append(line)
+            del self.log_lines[:-200]
+            if BACKEND_READY in line:
+                self.ready.set()
+                if not self.verbose:
+                    continue
+            if self.verbose or "Error" in line or "Traceback" in line or "could not" in line:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def problem(self) -> str:
+        """Why the backend process is gone (its exit status and last lines)."""
+        tail = "".join(self.log_lines[-8:]).strip()
+        return f"the influence backend stopped (exit status {self.proc.returncode})" + (f":\n{tail}" if tail else "")
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until the backend is loaded; :class:`ServeError` when the process exits first."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.2):
+            if not self.alive():
+                raise ServeError(self.problem())
+            if time.monotonic() > deadline:
+                raise ServeError(f"the influence backend was not ready within {timeout:.0f} s")
+
+    def stop(self) -> list[int]:
+        killed = [] if self.proc is None else stop_process_tree(self.proc)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         return killed
 
 

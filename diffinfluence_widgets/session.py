@@ -31,7 +31,7 @@ from ._io import atomic_write_bytes as _atomic_write
 from ._worker import _Inline, _Worker
 from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem, SearchResult
 from .config import check_damping
-from .data.images import to_png
+from ._png import png_bytes as to_png  # numpy + Pillow: a thin kernel imports no torch
 from .report import html_card, png_card
 from .refining import RefiningMixin
 from .results import (CompareResult, Influence, InfluenceResult, SweepResult, rank_agreement, result_from_search,
@@ -45,6 +45,12 @@ THUMB_SIZE = 64
 
 
 # ----------------------------------------------------------------------------------------------- session
+def error_text(err: BaseException) -> str:
+    """One line for the user: ``"Type: message"``, or the message alone for errors that say everything themselves
+    (``plain = True``, e.g. ``remote.BackendStopped``: "the influence backend stopped: …")."""
+    return str(err) if getattr(err, "plain", False) else f"{type(err).__name__}: {err}"
+
+
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings in one canonical form (a band as a list), so a result's settings compare with the session's."""
     out = dict(settings)
@@ -303,7 +309,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         if will_refine:  # said before the approximate answer is shown: its refinement follows
             self.set_trait("refining", True)
         if err is not None:
-            self.set_trait("error", f"{type(err).__name__}: {err}")
+            self.set_trait("error", error_text(err))
         else:
             out.request_id = rid
             self.set_trait("error", "")
@@ -319,7 +325,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         """Run ``fn`` on the worker; call ``on_done(out)`` unless a newer request on ``channel`` was made."""
         def done(rid, out, err):
             if err is not None:
-                (on_error or (lambda e: self.set_trait("error", f"{type(e).__name__}: {e}")))(err)
+                (on_error or (lambda e: self.set_trait("error", error_text(e))))(err)
             else:
                 on_done(out)
         return self._worker.submit(channel, fn, done)

@@ -178,7 +178,9 @@ def test_serve_runs_voila_on_localhost(cache):
         assert "application/vnd.jupyter.widget-view+json" in page
         assert "Influence explorer" in page
         assert '"output_type": "error"' not in page and "Traceback" not in page
-        assert len(descendants(proc.pid)) >= 2  # Voila and at least the page's kernel
+        kids = descendants(proc.pid)
+        assert len(kids) >= 3  # the backend process, Voila and at least the page's kernel
+        assert any("diffinfluence_widgets.remote" in _cmdline(k) for k in kids)  # the one shared backend
     finally:
         alive = _stop(proc)  # SIGTERM: the CLI stops Voila and every kernel it started
     out = proc.stdout.read()
@@ -200,7 +202,7 @@ def test_parsing_imports_no_torch():
 
 def test_pool_size_auto_keeps_a_spare_only_with_room(monkeypatch):
     """--pool-size: 'auto' or an integer ≥ 0; auto keeps a preheated spare only with SPARE_NEEDS_BYTES free, and
-    reads a container's cgroup limit (a 2 GB Binder has no room for page kernel + spare + a kernel awaiting culling)."""
+    reads a container's cgroup limit (1 GB left: no room for the backend process, Voila and two kernels)."""
     from diffinfluence_widgets import serving
     from diffinfluence_widgets.cli import build_parser
 
@@ -211,7 +213,8 @@ def test_pool_size_auto_keeps_a_spare_only_with_room(monkeypatch):
         with pytest.raises(SystemExit):
             p.parse_args(["serve", "--pool-size", bad])
     assert serving.auto_pool_size(serving.SPARE_NEEDS_BYTES) == 1
-    assert serving.auto_pool_size(2 << 30) == 0
+    assert serving.auto_pool_size(2 << 30) == 1  # thin kernels: a 2 GB Binder keeps a spare
+    assert serving.auto_pool_size(1 << 30) == 0
     files = {"/sys/fs/cgroup/memory.max": "2147483648\n", "/sys/fs/cgroup/memory.current": "1073741824\n"}
     monkeypatch.setattr(serving, "_read_int", lambda path: int(files[path]) if files.get(path, "x")[0].isdigit()
                         else None)
@@ -261,6 +264,39 @@ def test_serve_stops_everything_on_hangup_and_interrupt(cache, signame):
     finally:
         alive = _stop(proc, getattr(S, signame))
     assert alive == [], f"children survived {signame}: {alive}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_serve_stops_with_an_error_when_the_backend_dies(cache):
+    """The one backend process is not restarted: when it dies the command line says so, stops Voila and its
+    kernels, and exits with status 1; the backend's key is never on a command line."""
+    import signal as S
+
+    from diffinfluence_widgets.serving import descendants
+
+    run("build", "--config", "tiny", "--cache-dir", str(cache), "--threads", "1", "--quiet")
+    proc, url, _ = _start_serve(cache, "--pool-size", "1")
+    try:
+        kids = descendants(proc.pid)
+        backend = [k for k in kids if "diffinfluence_widgets.remote" in _cmdline(k)]
+        assert len(backend) == 1, [_cmdline(k) for k in kids]
+        key = Path(f"/proc/{backend[0]}/environ").read_bytes().split(b"DIFFINFLUENCE_BACKEND_KEY=")[1].split(b"\0")[0]
+        assert len(key) == 64 and not any(key.decode() in _cmdline(k) for k in [proc.pid, *kids])
+        os.kill(backend[0], S.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        alive = _stop(proc)
+    out = proc.stdout.read()
+    assert proc.returncode == 1, out
+    assert "the influence backend stopped" in out and "stopping the server" in out, out
+    assert alive == [], f"children survived: {alive}"
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ Outside a kernel widgets get a dummy comm: ``w.set_state({...})`` does what a fr
 import json
 import math
 import re
+import threading
 from html import unescape
 
 import numpy as np
@@ -340,3 +341,33 @@ def test_damping_range_per_method_with_the_noise_region_marked():
     c.method.value = "trak"  # another family: its own range and default
     assert s.damping == b.default_damping["trak"] and (c.damping.min, c.damping.max) == (-7, 2)
     assert c.damping.min <= math.log10(s.damping) <= c.damping.max and "data-in-noise='0'" in c.scale.value
+
+
+def test_gallery_ends_on_the_latest_answer_when_answers_overtake():
+    """An answer that arrives while an older one is still being shown (the shared backend answers within
+    milliseconds, even while the explorer is being built) is the one the gallery ends on, never the older one."""
+    entered, gate = threading.Event(), threading.Event()
+
+    class SlowFirstImages(StandInBackend):
+        slow = True
+
+        def train_images(self, ids):
+            if self.slow:  # the first thumbnails (those of the older answer) take a while
+                self.slow = False
+                entered.set()
+                gate.wait(10)
+            return super().train_images(ids)
+
+    s = AttributionSession(SlowFirstImages(num_train=200), threaded=False)
+    older = s.result
+    built = {}
+    t = threading.Thread(target=lambda: built.setdefault("g", InfluenceGallery(s)))
+    t.start()  # the gallery is being built and shows the older answer (its thumbnails are slow)
+    assert entered.wait(10)
+    threading.Timer(0.3, gate.set).start()
+    s.update(damping=s.damping * 1e4)  # a newer answer arrives meanwhile
+    t.join(10)
+    g = built["g"]
+    assert s.result is not older and s.result.request_id > older.request_id
+    assert g.request_id == s.result.request_id
+    assert [x["id"] for x in g.proponents] == [i.id for i in s.result.proponents][:g.page_size]

@@ -1,7 +1,6 @@
 """Image <-> tensor conversion: resizing, PNG thumbnails, image folders and torch datasets."""
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .._png import png_bytes
 from .dataset import ImageDataset, as_id_tensor
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_DECODED_PIXELS", "resize", "to_uint8", "to_png", "from_image_folder",
@@ -64,27 +64,11 @@ def to_png(image: torch.Tensor | np.ndarray, scale: int = 1, *, size: int | None
     thumbnails crisp in a browser. ``size`` instead picks the largest whole scale that keeps the longer edge within
     ``size`` pixels (at least 1; the thumbnails of the explorer).
     """
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    if not isinstance(image, torch.Tensor):
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    if not isinstance(image, np.ndarray):
         raise TypeError(f"to_png expects a torch.Tensor or numpy array [C, H, W] in [-1, 1], got {type(image).__name__}")
-    if image.dim() == 2:
-        image = image[None]
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"to_png expects one image [C, H, W] with C = 1 or 3, got shape {tuple(image.shape)}")
-    scale = int(scale)
-    if scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    if size:
-        scale = max(1, int(size) // max(image.shape[-2:]))
-    u8 = to_uint8(image)
-    if scale > 1:
-        u8 = u8.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    arr = u8.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(np.ascontiguousarray(arr[..., 0]) if arr.shape[2] == 1 else np.ascontiguousarray(arr))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(image, scale, size=size)
 
 
 # ---------------------------------------------------------------------- decoding

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 import time
 
 import ipywidgets as W
@@ -74,6 +75,7 @@ class InfluenceExplorer(W.VBox):
         self.tabs.observe(self._on_tab, "selected_index")
         self.status = W.HTML()
         self.status.add_class("dinf-status")
+        self._status_lock = threading.Lock()
         self.status.layout.display = None if status else "none"
         self.gallery.observe(lambda ch: self.map.select(ch["new"]), "selected_id")
         self.gallery.observe(self._write_status, "version")
@@ -114,10 +116,16 @@ class InfluenceExplorer(W.VBox):
         self.session.run_async("check", self.session.check_exact, shown, failed)
 
     def _write_status(self, change=None) -> None:
+        # read and written under one lock: the gallery's observer (worker thread) and the end of __init__ may both
+        # write; without it an answer that arrives within milliseconds (a prepared query of the shared backend) could
+        # be overwritten by "no result yet" computed a moment earlier
+        with self._status_lock:
+            self.status.value = self._status_html()
+
+    def _status_html(self) -> str:
         r = self.session.result
         if r is None or self.gallery.request_id != r.request_id:
-            self.status.value = "<span class='dinf-status-text' data-request='0'>no result yet</span>"
-            return
+            return "<span class='dinf-status-text' data-request='0'>no result yet</span>"
         data = {"request_id": r.request_id, "query_id": r.query_id, "measurement": r.measurement,
                 "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
                 "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
@@ -136,5 +144,5 @@ class InfluenceExplorer(W.VBox):
                                       "opponent_scores": [repr(float(v)) for v in sr.opponent_scores]}
         text = (f"python: request {r.request_id} · query {r.query_id} · {r.measurement} · {r.method} · "
                 f"λ={r.damping:.4g} · {r.elapsed_s * 1000:.1f} ms")
-        self.status.value = (f"<span class='dinf-status-text' data-request='{r.request_id}' "
-                             f"data-json='{html.escape(json.dumps(data), quote=True)}'>{html.escape(text)}</span>")
+        return (f"<span class='dinf-status-text' data-request='{r.request_id}' "
+                f"data-json='{html.escape(json.dumps(data), quote=True)}'>{html.escape(text)}</span>")

@@ -7,6 +7,7 @@ Used alone (``InfluenceGallery(session)``) it follows ``session.result``; with `
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import anywidget
@@ -89,16 +90,22 @@ class InfluenceGallery(anywidget.AnyWidget):
         self._result: InfluenceResult | None = None
         self._pushing = False
         self._thumb_source = session
+        # one show at a time, each reading the session's latest result under the lock: an answer that arrives while
+        # an older one is being shown (the shared backend answers within milliseconds, even during __init__) is
+        # never overwritten by it
+        self._show_lock = threading.RLock()
         if session is not None:
             session.observe(self._on_result, "result")
             session.observe(self._on_status, ["busy", "error", "progress", "refining"])
             self._on_status()
-            if session.result is not None:
-                self.show(session.result)
+            with self._show_lock:
+                if session.result is not None:
+                    self.show(session.result)
 
     # ------------------------------------------------------------------ session → front end
     def _on_result(self, change) -> None:
-        self.show(change["new"])
+        with self._show_lock:
+            self.show(self.session.result)  # the latest (``change["new"]`` may already be superseded)
 
     def _on_status(self, change=None) -> None:
         s = self.session
@@ -116,6 +123,10 @@ class InfluenceGallery(anywidget.AnyWidget):
     def show(self, result: InfluenceResult | None, session: AttributionSession | None = None,
              keep_page: bool = False) -> None:
         """Display ``result`` (thumbnails come from ``session``, default the gallery's own)."""
+        with self._show_lock:
+            self._show(result, session, keep_page)
+
+    def _show(self, result, session, keep_page) -> None:
         if session is not None:
             self._thumb_source = session
         self._result = result
