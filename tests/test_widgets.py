@@ -184,6 +184,10 @@ def test_controls_two_way(session):
     d = session.damping
     c.damping.value = 10 ** (round(math.log10(d) / 0.05) * 0.05)
     assert session.damping == d
+    # the λ shown beside the slider is the session's own, not the slider's grid point
+    assert c.damping.readout is False and f">{d:.3g}<" in c.damping_value.value
+    session.damping = 4.05e-6  # off the 0.05-decade grid (3.98e-6 is the nearest point)
+    assert ">4.05e-06<" in c.damping_value.value
     session.damping = 3e-2  # session -> slider
     assert c.damping.value == pytest.approx(3e-2)
     session.update(method="ekfac", damping=1e-9)  # outside the slider's range: it widens

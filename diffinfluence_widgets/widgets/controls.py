@@ -58,9 +58,13 @@ class Controls(W.VBox):
                                       tooltip="The measurement of the query whose change the scores predict")
         lo, hi = self._range()
         self.damping = W.FloatLogSlider(value=session.damping, base=10, min=lo, max=hi, step=0.05,
-                                        description="damping λ", readout_format=".2e", continuous_update=True,
-                                        style=style, layout=W.Layout(width="460px"),
+                                        description="damping λ", readout=False, continuous_update=True,
+                                        style=style, layout=W.Layout(width="400px"),
                                         tooltip="Damping λ of (G + λI)⁻¹ — log scale, updates live")
+        #: the session's λ itself (the slider's own readout would show its 0.05-decade grid point, e.g. 3.98e-6
+        #: for a default of 4.05e-6, disagreeing with the gallery)
+        self.damping_value = W.HTML(layout=W.Layout(width="72px"))
+        self.damping_value.add_class("dinf-damping-value")
         self.reset_damping = W.Button(description="default λ", layout=W.Layout(width="90px"),
                                       tooltip="Reset the damping to this method's default")
         bands = list(getattr(b, "bands", []))
@@ -92,7 +96,7 @@ class Controls(W.VBox):
         #: where λ sits relative to the curvature scale τ, with the noise region (λ < 1e-6 τ) marked
         self.scale = W.HTML()
         self.scale.add_class("dinf-damping-scale")
-        super().__init__([self.method, self.measurement, W.HBox([self.damping, self.reset_damping]), self.scale,
+        super().__init__([self.method, self.measurement, W.HBox([self.damping, self.damping_value, self.reset_damping]), self.scale,
                           self.band, self.k, self.note], **kwargs)
         self._draw_scale()
         self.add_class("dinf-controls")
@@ -148,6 +152,7 @@ class Controls(W.VBox):
         lo, hi = self.damping.min, self.damping.max
         tau = curvature_scale(s.backend, s.method)
         lam = f"λ = {s.damping:.2e}"
+        self.damping_value.value = f"<span title='λ = {s.damping!r}'>{s.damping:.3g}</span>"
         if tau is None:
             self.scale.value = f"<div class='dinf-scale-text'>{lam}</div>"
             return

@@ -143,7 +143,8 @@ def settings_named(page) -> dict:
               method_options: [...document.querySelectorAll('.dinf-explorer .dinf-method select option')].map(o => o.textContent.replace(/\u00a0/g, ' ')),
               zoom: z && !z.hidden ? z.querySelector('.dinf-zoom-text').textContent : null,
               query: document.querySelector('.dinf-explorer .dinf-gallery .dinf-query-text').textContent,
-              note: document.querySelector('.dinf-explorer .dinf-controls-note').textContent};
+              note: document.querySelector('.dinf-explorer .dinf-controls-note').textContent,
+              damping: document.querySelector('.dinf-explorer .dinf-damping-value').textContent};
     }""")
 
 
@@ -153,6 +154,9 @@ def assert_consistent(page, st: dict) -> dict:
     assert s["method"] == _label(st["method"], METHOD_HELP), (s, st)
     assert s["measurement"] == _label(st["measurement"], MEASUREMENT_HELP), (s, st)
     assert s["query"].startswith(f"query {st['query_id']} ")
+    # the λ next to the slider is the session's (not the slider's grid point) and the caption's
+    lam = f"{float(st['damping']):.3g}"
+    assert s["damping"] == lam and f"· damping {lam} ·" in s["caption"], (s, st)
     if s["zoom"] is not None:
         assert f"for query {st['query_id']}, {st['method']}," in s["zoom"], (s, st)
     return s
