@@ -274,8 +274,17 @@ print('THIN ' + json.dumps({'type': type(backend).__name__, 'heavy': heavy, 'rss
 def test_tiny_demo_through_the_server_and_a_thin_kernel(tmp_path_factory):
     """The real ``python -m diffinfluence_widgets.remote`` on a built ``tiny`` cache answers exactly as the backend
     loaded in this process; a kernel using it (the app's ``open_backend``) never imports torch, diffusers or FAISS."""
+    from threadpoolctl import threadpool_limits  # (scikit-learn's dependency)
+
     from diffinfluence_widgets.demo import load_or_build_demo
 
+    # bit-for-bit needs the same arithmetic on both sides: the server runs at --threads 1 (torch and the BLAS under
+    # NumPy), so this process computes its side at one BLAS thread too (a 2-thread OpenBLAS sums in another order)
+    with threadpool_limits(limits=1):
+        _tiny_demo_through_the_server(tmp_path_factory, load_or_build_demo)
+
+
+def _tiny_demo_through_the_server(tmp_path_factory, load_or_build_demo):
     cache = tmp_path_factory.mktemp("remote") / "tiny"
     load_or_build_demo("tiny", cache, threads=1, progress=False)  # build
     local = load_or_build_demo("tiny", cache, threads=1, progress=False)  # reopened, as the server opens it
