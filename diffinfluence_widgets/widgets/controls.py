@@ -62,7 +62,7 @@ class Controls(W.VBox):
                                         style=style, layout=W.Layout(width="400px"),
                                         tooltip="Damping λ of (G + λI)⁻¹ — log scale, updates live")
         #: the session's λ itself (the slider's own readout would show its 0.05-decade grid point, e.g. 3.98e-6
-        #: for a default of 4.05e-6, disagreeing with the gallery)
+        #: for a default of 4.05e-6 on the tiny demo, disagreeing with the gallery)
         self.damping_value = W.HTML(layout=W.Layout(width="72px"))
         self.damping_value.add_class("dinf-damping-value")
         self.reset_damping = W.Button(description="default λ", layout=W.Layout(width="90px"),
