@@ -335,7 +335,7 @@ def build_exact_store(path: str | Path, model, dataset, curvature, *, num_draws:
     digest = _settings_digest(head)
     np_dtype = _DTYPES[dtype]
     todo = [s for s in range(num_shards) if not _shard_done(root, s, digest)]
-    bar = tqdm(total=n, desc=f"exact store {root.name}", unit="img", disable=not progress)
+    bar = tqdm(total=n, desc="exact training gradients (for exact top-k)", unit="img", disable=not progress)
     bar.update(n - sum(min(n, (s + 1) * shard_size) - s * shard_size for s in todo))
     images, tids = dataset.images, torch.as_tensor(dataset.ids, dtype=torch.long)
     for s in todo:
