@@ -11,12 +11,13 @@ negative scores are opponents.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["QueryItem", "PreparedQuery", "SearchResult", "InfluenceBackend", "SIGN_CONVENTION"]
+__all__ = ["QueryItem", "PreparedQuery", "PreparedCache", "SearchResult", "InfluenceBackend", "SIGN_CONVENTION"]
 
 SIGN_CONVENTION = ("Positive score: removing this training image is predicted to increase the query's "
                    "measurement (for the loss: it supports the query — a proponent). Negative: an opponent.")
@@ -45,6 +46,33 @@ class PreparedQuery:
     method: str
     band: tuple[int, int] | None
     payload: Any = None
+
+
+class PreparedCache:
+    """The bounded LRU of prepared queries, keyed by ``(query_id, measurement, method, band)``, that the session and
+    the backend server both keep; a hit is counted in ``stats["prepare_hits"]``. Not locked: callers hold theirs."""
+
+    def __init__(self, size: int, stats: dict):
+        self.size, self.stats = int(size), stats
+        self._items: "OrderedDict[tuple, PreparedQuery]" = OrderedDict()
+
+    def get(self, key: tuple) -> PreparedQuery | None:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            self.stats["prepare_hits"] += 1
+        return hit
+
+    def put(self, key: tuple, prepared: PreparedQuery) -> None:
+        self._items[key] = prepared
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass

@@ -28,13 +28,12 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .backend import PreparedQuery
+from .backend import PreparedCache, PreparedQuery
 from .demo_names import BACKEND_ADDRESS_ENV, BACKEND_KEY_ENV
 from .serving import BACKEND_READY  # the line the command line waits for
 
@@ -84,13 +83,12 @@ class BackendServer:
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
         self._lock = threading.Lock()  # one backend call at a time (torch at the server's thread setting)
-        self._prepared: "OrderedDict[tuple, PreparedQuery]" = OrderedDict()
-        self._prepare_cache_size = int(prepare_cache_size)
         self._after_call = after_call
         self._warm = bool(warm)
         self._listener: Listener | None = None
         self._closed = threading.Event()
         self.stats = {"connections": 0, "refused": 0, "calls": 0, "prepare_calls": 0, "prepare_hits": 0}
+        self._prepared = PreparedCache(prepare_cache_size, self.stats)  # shared by every page
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "BackendServer":
@@ -216,14 +214,10 @@ class BackendServer:
         with self._lock:
             hit = self._prepared.get(key)
             if hit is not None:
-                self._prepared.move_to_end(key)
-                self.stats["prepare_hits"] += 1
                 return hit
             self.stats["prepare_calls"] += 1
             p = self.backend.prepare(*key)
-            self._prepared[key] = p
-            while len(self._prepared) > self._prepare_cache_size:
-                self._prepared.popitem(last=False)
+            self._prepared.put(key, p)
         if self._after_call is not None:
             self._after_call()
         return p

@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -408,8 +409,6 @@ class BackendProcess:
     env: dict = field(default_factory=dict)
 
     def start(self) -> "BackendProcess":
-        import tempfile
-
         self.folder = Path(tempfile.mkdtemp(prefix="dinf-backend-"))  # mode 0700: only this user reaches the socket
         os.chmod(self.folder, 0o700)
         self.env = {BACKEND_ADDRESS_ENV: str(self.folder / "backend.sock"), BACKEND_KEY_ENV: secrets.token_hex(32)}

@@ -29,7 +29,7 @@ import traitlets
 
 from ._io import atomic_write_bytes as _atomic_write
 from ._worker import _Inline, _Worker
-from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedQuery, QueryItem, SearchResult
+from .backend import SIGN_CONVENTION, InfluenceBackend, PreparedCache, PreparedQuery, QueryItem, SearchResult
 from .config import check_damping
 from ._png import png_bytes as to_png  # numpy + Pillow: a thin kernel imports no torch
 from .report import html_card, png_card
@@ -114,8 +114,6 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         self.full_scores = full_scores
         self._worker = _Worker() if threaded else _Inline()
         self._lock = threading.RLock()  # guards the caches (worker thread + kernel thread)
-        self._prepared: "OrderedDict[tuple, PreparedQuery]" = OrderedDict()
-        self._prepare_cache_size = prepare_cache_size
         self._thumbs: "OrderedDict[tuple[int, int], bytes]" = OrderedDict()
         self._thumb_cache_size = thumb_cache_size
         self._query_thumbs: dict[tuple[int, int], bytes] = {}
@@ -124,6 +122,7 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
         self._suspend = 0
         self.stats = {"prepare_calls": 0, "prepare_hits": 0, "search_calls": 0, "refine_calls": 0,
                       "refine_stale": 0}
+        self._prepared = PreparedCache(prepare_cache_size, self.stats)
         #: show a refined (exact) answer after each approximate one, when the backend has ``refine``
         self.refine = bool(refine) and callable(getattr(backend, "refine", None))
         self._overlaps: dict[str, list[float]] = {}  # method -> overlaps of approximate vs refined answers
@@ -244,16 +243,12 @@ class AttributionSession(RefiningMixin, traitlets.HasTraits):
                method or self.method, self.band if band == "current" else (tuple(band) if band else None))
         with self._lock:
             hit = self._prepared.get(key)
-            if hit is not None:
-                self._prepared.move_to_end(key)
-                self.stats["prepare_hits"] += 1
-                return hit
+        if hit is not None:
+            return hit
         self.stats["prepare_calls"] += 1
         p = self.backend.prepare(key[0], key[1], key[2], key[3])
         with self._lock:
-            self._prepared[key] = p
-            while len(self._prepared) > self._prepare_cache_size:
-                self._prepared.popitem(last=False)
+            self._prepared.put(key, p)
         return p
 
     def is_prepared(self, **settings) -> bool:
