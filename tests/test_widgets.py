@@ -17,6 +17,7 @@ from diffinfluence_widgets.session import AttributionSession
 from diffinfluence_widgets.widgets import (Controls, ExportPanel, GradientMap, InfluenceExplorer, InfluenceGallery,
                                            QueryPicker)
 from diffinfluence_widgets.widgets._standin import StandInBackend
+from diffinfluence_widgets.widgets import controls as controls_module
 
 
 @pytest.fixture
@@ -192,6 +193,28 @@ def test_controls_two_way(session):
     assert c.damping.value == pytest.approx(3e-2)
     session.update(method="ekfac", damping=1e-9)  # outside the slider's range: it widens
     assert c.damping.min <= -9 and c.method.value == "ekfac"
+
+
+def test_controls_ignore_late_echo_of_an_earlier_damping(session, monkeypatch):
+    """The front end answers every λ Python pushes with its grid point, sometimes after the session moved on (a
+    held-out query switching Journey-TRAK's λ to EK-FAC's): that late echo must not become the session's λ."""
+    clock = [1000.0]
+    monkeypatch.setattr(controls_module.time, "monotonic", lambda: clock[0])
+    c = Controls(session)
+    c.method.value = "trak"
+    old = session.damping
+    session.update(method="ekfac", damping=4.05e-6)
+    grid = lambda v: 10 ** (round(math.log10(v) / c.damping.step) * c.damping.step)  # noqa: E731
+    clock[0] += 1.0
+    c.damping.value = grid(old)  # the late echo of trak's λ
+    assert session.damping == 4.05e-6 and c.damping.value == pytest.approx(4.05e-6)
+    c.damping.value = grid(4.05e-6)  # the echo of the current λ
+    assert session.damping == 4.05e-6
+    c.damping.value = 1e-4  # a drag to a value Python never pushed
+    assert session.damping == pytest.approx(1e-4)
+    clock[0] += controls_module.ECHO_WINDOW_S + 1
+    c.damping.value = grid(old)  # a drag, long after, to where trak's λ was
+    assert session.damping == pytest.approx(grid(old))
 
 
 def test_explorer_status_and_tabs(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import math
+import time
 
 import ipywidgets as W
 import traitlets
@@ -32,6 +33,10 @@ METHOD_HELP = {
 
 #: decades of damping shown below the noise boundary (or the default) and above the curvature scale (or default)
 DECADES_BELOW, DECADES_ABOVE = 1, 2
+#: seconds during which a slider value near one Python pushed is taken for the front end's late echo of that push
+#: (the front end re-snaps its value to the step grid whenever it applies a value or a range, and answers with it;
+#: that answer can reach the kernel after the session has moved on, e.g. from Journey-TRAK's λ to EK-FAC's)
+ECHO_WINDOW_S = 5.0
 
 
 def _label(name: str, table: dict[str, str]) -> str:
@@ -82,6 +87,8 @@ class Controls(W.VBox):
                        (self.reset_damping, "dinf-reset-damping")):
             w.add_class(cls)
         self._syncing = False
+        #: (time, value) of each λ Python pushed to the slider within ECHO_WINDOW_S, newest last
+        self._pushed: list[tuple[float, float]] = [(time.monotonic(), session.damping)]
         self.method.observe(self._ui("method"), "value")
         self.measurement.observe(self._ui("measurement"), "value")
         self.damping.observe(self._ui("damping"), "value")
@@ -179,14 +186,38 @@ class Controls(W.VBox):
                 self._set_range(*self._range_for_switch(new))
                 self.session.update(method=new, damping=self.session.default_damping(new))
             else:
-                if name == "damping" and _within_half_step(change["new"], self.session.damping, self.damping.step):
-                    # the front end snapped our value to its step grid and echoed it back: not a user change
+                if name == "damping" and self._is_echo(change["new"]):
                     return
                 try:
                     setattr(self.session, name, _band_value(change["new"]) if name == "band" else change["new"])
                 except traitlets.TraitError:
                     self._from_session()
         return handler
+
+    def _is_echo(self, value: float) -> bool:
+        """Whether a slider value from the front end is its echo of a λ that Python pushed, not a user's drag.
+
+        The front end snaps every value it is given (and its value whenever the range changes) to the slider's
+        0.05-decade grid and sends the snapped value back. An echo of the session's current λ is ignored; an echo
+        of an earlier push (it can arrive after the session has moved on) also puts the session's λ back on the
+        slider. A user's drag within ECHO_WINDOW_S to the grid point of an earlier push is taken for an echo too."""
+        step, now = self.damping.step, time.monotonic()
+        if _within_half_step(value, self.session.damping, step):
+            return True
+        if not any(now - t <= ECHO_WINDOW_S and _within_half_step(value, v, step) for t, v in self._pushed):
+            return False
+        self._push(self.session.damping)
+        return True
+
+    def _push(self, value: float) -> None:
+        """Set the slider to ``value`` (from Python, not a user change) and remember it for :meth:`_is_echo`."""
+        now = time.monotonic()
+        self._pushed = [(t, v) for t, v in self._pushed if now - t <= ECHO_WINDOW_S] + [(now, value)]
+        syncing, self._syncing = self._syncing, True
+        try:
+            self.damping.value = value
+        finally:
+            self._syncing = syncing
 
     def _range_for_switch(self, method: str) -> tuple[float, float]:
         """The new method's range, kept wide enough for the current value until the session moves it."""
@@ -200,7 +231,7 @@ class Controls(W.VBox):
         try:
             with self.damping.hold_sync():
                 self.damping.min, self.damping.max = lo, hi
-            self.damping.value = self.session.damping
+            self._push(self.session.damping)
         finally:
             self._syncing = False
 
@@ -216,7 +247,7 @@ class Controls(W.VBox):
                 self._set_range(min(self.damping.min, math.floor(lg)), max(self.damping.max, math.ceil(lg)))
                 self._syncing = True
             if not math.isclose(self.damping.value, s.damping, rel_tol=1e-12):
-                self.damping.value = s.damping
+                self._push(s.damping)
             self.band.value = _band_key(s.band)
             self.k.value = s.k
         finally:
