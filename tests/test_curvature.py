@@ -234,6 +234,30 @@ def test_curvature_independent_of_batch_size_and_chunking(unet_setup, method):
         assert torch.allclose(A_a, A_b, rtol=1e-9, atol=1e-14)
 
 
+def test_ekfac_second_pass_reads_kept_activations_to_the_same_bits(unet_setup):
+    """Within ``reuse_bytes`` the EK-FAC pass reads the K-FAC pass's layer inputs and output gradients back
+    instead of running the network again: the same bits as two network passes, half the network calls."""
+    model, images, ids = unet_setup
+    ds = _DS(images, ids)
+    calls = []
+    h = model.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fits = {}
+        for budget in (0, 1 << 14, 1 << 30):  # never kept, over the budget after the first batch, all kept
+            calls.clear()
+            fits[budget] = fit_curvature(model, ds, method="ekfac", num_draws=2, seed=1, batch_size=2,
+                                         progress=False, reuse_bytes=budget)
+            fits[budget] = (fits[budget], len(calls))
+    finally:
+        h.remove()
+    (ref, n_ref), (over, n_over), (kept, n_kept) = fits[0], fits[1 << 14], fits[1 << 30]
+    batches = -(-images.shape[0] // 2)
+    assert n_ref == n_over == 2 * batches and n_kept == batches
+    for n in ref.layer_names:
+        assert torch.equal(ref.eigenvalues[n], kept.eigenvalues[n]) and torch.equal(ref.q_a[n], kept.q_a[n])
+        assert torch.equal(ref.eigenvalues[n], over.eigenvalues[n])
+
+
 def test_damping_exact_and_never_mutates(unet_setup):
     model, images, ids = unet_setup
     curv = fit_curvature(model, _DS(images, ids), num_draws=4, progress=False)
@@ -284,29 +308,30 @@ def test_save_load_round_trip_and_refusal(unet_setup, tmp_path):
         Curvature.load(tmp_path / "nothing")
 
 
-def test_fit_resumes_after_interruption(unet_setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reuse_bytes", [0, 1 << 30])  # EK-FAC's second pass through the network / kept calls
+def test_fit_resumes_after_interruption(unet_setup, tmp_path, monkeypatch, reuse_bytes):
     model, images, ids = unet_setup
     ds = _DS(images, ids)
     ref = fit_curvature(model, ds, num_draws=3, batch_size=1, progress=False)
     import diffinfluence_widgets.influence.curvature as C
 
     calls = {"n": 0}
-    orig = C._run_pass
+    orig = C.save_fit_checkpoint
 
-    def flaky(problem, fisher, consume, desc, progress, state=None, on_batch=None):
-        def boom(i):
-            on_batch(i)
-            calls["n"] += 1
-            if calls["n"] == 4:  # die inside the EK-FAC pass
-                raise KeyboardInterrupt
-        return orig(problem, fisher, consume, desc, progress, state, boom)
+    def flaky(*a, **k):
+        orig(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # 3 K-FAC batches, the switch of passes, one EK-FAC batch: die inside the EK-FAC pass
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(C, "_run_pass", flaky)
+    monkeypatch.setattr(C, "save_fit_checkpoint", flaky)
     with pytest.raises(KeyboardInterrupt):
-        fit_curvature(model, ds, num_draws=3, batch_size=1, progress=False, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(C, "_run_pass", orig)
+        fit_curvature(model, ds, num_draws=3, batch_size=1, progress=False, checkpoint_dir=tmp_path,
+                      reuse_bytes=reuse_bytes)
+    monkeypatch.setattr(C, "save_fit_checkpoint", orig)
     assert list(tmp_path.glob("factors-*.safetensors"))
-    done = fit_curvature(model, ds, num_draws=3, batch_size=1, progress=False, checkpoint_dir=tmp_path)
+    done = fit_curvature(model, ds, num_draws=3, batch_size=1, progress=False, checkpoint_dir=tmp_path,
+                         reuse_bytes=reuse_bytes)
     for n in ref.layer_names:
         assert torch.allclose(done.eigenvalues[n], ref.eigenvalues[n], rtol=1e-10, atol=1e-15)
     assert not list(tmp_path.glob("factors-*"))

@@ -45,7 +45,7 @@ from ..diffusion.draws import draw_noise, example_generator
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..distributed import all_reduce_sum_, rank_and_world, shard_slice
 from .artifacts import load_fit_checkpoint, read_manifest, save_fit_checkpoint
-from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
+from .capture import CallRecord, LayerCapture, frozen_eval, layer_shape, tracked_layers
 from .gradients import LayerGradients
 from .wgrad import add_input_covariance_
 
@@ -60,6 +60,9 @@ FISHER_TYPES = tuple(m.value for m in Fisher)
 DEFAULT_CURVATURE_DRAWS = 125
 #: the paper's untuned damping for the K-FAC family
 DEFAULT_DAMPING = DEFAULT_KFAC_DAMPING
+#: memory the EK-FAC fit may spend keeping the K-FAC pass's layer inputs and output gradients, so that its second
+#: pass reads them back instead of running the network again (see :func:`fit_factors`)
+DEFAULT_REUSE_BYTES = 512 << 20
 FORMAT_VERSION = 2  # 2: the manifest records the payload's SHA-256
 
 
@@ -174,10 +177,31 @@ def _run_pass(problem: FactorProblem, fisher: str, consume: Callable[[LayerCaptu
     bar.close()
 
 
+class _Captured:
+    """The layer calls of one batch kept from the K-FAC pass (inputs and output gradients), to be read again by
+    the EK-FAC pass in place of a second forward and backward pass through the network."""
+
+    def __init__(self, cap: LayerCapture, rows: int):
+        self.rows = rows
+        self.records = {n: [CallRecord(r.module, r.x, r.g) for r in cap.calls(n)] for n in cap.layers}
+        self.nbytes = sum(t.numel() * t.element_size() for recs in self.records.values() for r in recs
+                          for t in (r.x, r.g))
+
+    def calls(self, name: str) -> list[CallRecord]:
+        return self.records[name]
+
+
 def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: str = "expand",
                 fisher: str = "model", factor_dtype: torch.dtype = torch.float64, progress: bool = False,
-                checkpoint: Path | None = None, identity: Mapping | None = None) -> dict:
+                checkpoint: Path | None = None, identity: Mapping | None = None,
+                reuse_bytes: int = DEFAULT_REUSE_BYTES) -> dict:
     """Fit K-FAC factors, their eigendecompositions and (for EK-FAC) corrected eigenvalues.
+
+    EK-FAC needs every batch's layer inputs and output gradients twice (for the factors, then for the corrected
+    eigenvalues in the factors' eigenbasis). When all of them fit in ``reuse_bytes`` (and one cotangent per batch
+    is backpropagated, i.e. not ``fisher="exact"``), the K-FAC pass keeps them and the second pass reads them back
+    instead of running the network again; otherwise, or after a resumed K-FAC pass, the network runs twice. Both
+    give the same bits (the network is deterministic for the same batches).
 
     Sums and counts are all-reduced over ranks when ``torch.distributed`` is initialised, so each rank may feed
     its own shard of the data. With ``checkpoint`` (a file path), the partial sums, the stage of the fit and its
@@ -216,9 +240,20 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         x2 = x_cols.transpose(0, 1).reshape(x_cols.shape[1], -1)
         return (x2 @ x2.T).to(factor_dtype)
 
+    # the K-FAC pass's captured calls, kept for the EK-FAC pass while they fit in reuse_bytes (None: not kept)
+    kept: list[_Captured] | None = ([] if method == "ekfac" and fisher != "exact" and reuse_bytes > 0
+                                    and stage["pass"] == "kfac" and not stage["batches_done"] else None)
+    kept_bytes = 0
+
     def consume_kfac(cap: LayerCapture, rows: int, first: bool) -> None:
+        nonlocal kept, kept_bytes
         if first:
             sums["rows"] += rows
+        if kept is not None:
+            kept.append(_Captured(cap, rows))
+            kept_bytes += kept[-1].nbytes
+            if kept_bytes > reuse_bytes:
+                kept = None  # over the budget: the EK-FAC pass runs the network again
         for n in names:
             if kfac_approx == "expand":
                 # positions of every call are extra data points: contributions simply add up
@@ -295,8 +330,16 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         q_compute = {n: (out["q_a"][n].to(compute_dtype), out["q_b"][n].T.to(compute_dtype).contiguous())
                      for n in names}
 
-        _run_pass(problem, fisher, consume_ekfac, f"EK-FAC eigenvalues (GGN^{fisher})", progress, stage,
-                  save_state)
+        if kept is not None and stage["batches_done"] == 0:
+            for i, batch in enumerate(tqdm(kept, desc=f"EK-FAC eigenvalues (GGN^{fisher}, kept activations)",
+                                           unit="batch", disable=not progress)):
+                consume_ekfac(batch, batch.rows, True)
+                kept[i] = None  # free each batch once it is read
+                save_state(i + 1)
+        else:
+            _run_pass(problem, fisher, consume_ekfac, f"EK-FAC eigenvalues (GGN^{fisher})", progress, stage,
+                      save_state)
+        kept = None
         all_reduce_sum_(sums["rows_ekfac"])
         for n in names:
             all_reduce_sum_(sums[f"L/{n}"])
@@ -439,13 +482,14 @@ def fit_curvature(model: DiffusionModel, dataset, *, method: str = "ekfac", kfac
                   fisher: str = "model", num_draws: int = DEFAULT_CURVATURE_DRAWS, seed: int = 0,
                   batch_size: int = 32, max_rows: int = 512, device=None, dtype: torch.dtype | None = None,
                   factor_dtype: torch.dtype = torch.float64, progress: bool = True,
-                  checkpoint_dir: str | Path | None = None) -> Curvature:
+                  checkpoint_dir: str | Path | None = None, reuse_bytes: int = DEFAULT_REUSE_BYTES) -> Curvature:
     """Fit (E)K-FAC curvature of the GGN of the diffusion training loss on ``dataset`` (``.images``, ``.ids``).
 
     Defaults are the paper's recommended settings: EK-FAC, K-FAC-expand, GGN^model (MC Fisher, one sample per
     draw). ``num_draws`` (t, ε) draws per training image go into each factor. Under ``torchrun`` each rank takes a
     contiguous shard of the dataset and factor sums are all-reduced, so every rank ends with the same curvature.
-    ``checkpoint_dir`` makes the fit resumable after an interruption.
+    ``checkpoint_dir`` makes the fit resumable after an interruption. ``reuse_bytes``: memory EK-FAC may use to
+    keep the first pass's layer inputs and output gradients for its second pass (see :func:`fit_factors`).
     """
     method, kfac_approx, fisher = _check_choices(method, kfac_approx, fisher)
     if int(num_draws) < 1:
@@ -478,6 +522,6 @@ def fit_curvature(model: DiffusionModel, dataset, *, method: str = "ekfac", kfac
     with frozen_eval(model.unet):
         fitted = fit_factors(problem, method=method, kfac_approx=kfac_approx, fisher=fisher,
                              factor_dtype=factor_dtype, progress=progress and rank == 0, checkpoint=ckpt,
-                             identity=identity)
+                             identity=identity, reuse_bytes=int(reuse_bytes))
     return Curvature.from_factors(fitted, settings=settings, model_fingerprint=model.fingerprint(),
                                   dataset_fingerprint=data_fp)
