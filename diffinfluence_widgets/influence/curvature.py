@@ -198,8 +198,9 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
     """Fit K-FAC factors, their eigendecompositions and (for EK-FAC) corrected eigenvalues.
 
     EK-FAC needs every batch's layer inputs and output gradients twice (for the factors, then for the corrected
-    eigenvalues in the factors' eigenbasis). When all of them fit in ``reuse_bytes`` (and one cotangent per batch
-    is backpropagated, i.e. not ``fisher="exact"``), the K-FAC pass keeps them and the second pass reads them back
+    eigenvalues in the factors' eigenbasis). When all of them fit in ``reuse_bytes`` (judged from the first batch:
+    no more than one batch is held in vain) and one cotangent per batch is backpropagated (not
+    ``fisher="exact"``), the K-FAC pass keeps them and the second pass reads them back
     instead of running the network again; otherwise, or after a resumed K-FAC pass, the network runs twice. Both
     give the same bits (the network is deterministic for the same batches).
 
@@ -252,8 +253,9 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         if kept is not None:
             kept.append(_Captured(cap, rows))
             kept_bytes += kept[-1].nbytes
-            if kept_bytes > reuse_bytes:
-                kept = None  # over the budget: the EK-FAC pass runs the network again
+            # over the budget, or going to be (judged from the first batch): the EK-FAC pass runs the network again
+            if kept_bytes > reuse_bytes or kept_bytes * (problem.num_batches or 1) > reuse_bytes * len(kept):
+                kept = None
         for n in names:
             if kfac_approx == "expand":
                 # positions of every call are extra data points: contributions simply add up
