@@ -201,8 +201,8 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
     eigenvalues in the factors' eigenbasis). When all of them fit in ``reuse_bytes`` (judged from the first batch:
     no more than one batch is held in vain) and one cotangent per batch is backpropagated (not
     ``fisher="exact"``), the K-FAC pass keeps them and the second pass reads them back
-    instead of running the network again; otherwise, or after a resumed K-FAC pass, the network runs twice. Both
-    give the same bits (the network is deterministic for the same batches).
+    instead of running the network again; otherwise, or after a resumed K-FAC pass, the network runs twice. On the
+    CPU both give the same bits (the network is deterministic for the same batches).
 
     Sums and counts are all-reduced over ranks when ``torch.distributed`` is initialised, so each rank may feed
     its own shard of the data. With ``checkpoint`` (a file path), the partial sums, the stage of the fit and its
