@@ -20,9 +20,11 @@ result as ``out=`` (what a streaming consumer such as ``iter_gradients(reuse_buf
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+import diffinfluence_widgets  # noqa: F401  (before torch: the package's allocation setting, as the CLI has it)
 import torch
 
 from diffinfluence_widgets.diffusion import DiffusionModel, cifar10_unet_config, demo_unet_config, tiny_unet_config
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
            "projected_ex_per_s": B / med["projected"],
            "projected_ratio": med["train"] / med["projected"], "k": args.k}
     print(f"config={args.config} tracked_params={n_params} rows={B} ({B // S} examples x {S} draws) device={dev} "
-          f"threads={args.threads}")
+          f"threads={args.threads} THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print(f"plain training step   : {B / med['train']:9.1f} (x,t,eps) rows/s (median of {args.repeats})")
     print(f"per-example gradients : {B / med['per_example']:9.1f} (x,t,eps) rows/s (median of {args.repeats})")
     print(f"  same, out= reused   : {B / med['per_example_reused']:9.1f} (x,t,eps) rows/s (median of {args.repeats}; "

@@ -4,7 +4,17 @@ Implements Mlodozeniec et al., "Influence Functions for Scalable Data Attributio
 (ICLR 2025): measurement proxies, K-FAC / EK-FAC curvature of the GGN (expand / reduce), exact damping, TRAK-style
 baselines, and the LDS / retraining evaluations; plus a FAISS index over projected gradients and anywidget views.
 """
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+if "torch" not in _sys.modules:
+    # Large CPU buffers (a batch's per-example gradients are B × P floats) in transparent huge pages: a fresh
+    # multi-MB buffer otherwise page-faults in 4 KiB at a time, which on Linux costs as much as computing into it.
+    # PyTorch reads this once, at its first allocation, so it only takes effect when this package is imported
+    # before torch (the command line, the backend server, the benches); set THP_MEM_ALLOC_ENABLE=0 to opt out.
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 #: the researcher's API, importable from the top level (loaded on first use, so that ``import
 #: diffinfluence_widgets`` stays light for the command line): datasets that keep your ids and labels, one call

@@ -8,6 +8,7 @@ from torch import nn
 
 from diffinfluence_widgets.diffusion import DiffusionModel, tiny_unet_config
 from diffinfluence_widgets.influence.gradients import iter_gradients, per_example_gradients
+from diffinfluence_widgets.influence import wgrad
 from diffinfluence_widgets.influence.wgrad import add_conv_per_example_, add_input_covariance_, add_linear_per_example_
 
 torch.set_num_threads(1)
@@ -42,6 +43,8 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
     if channels_last:  # what mkldnn hands the hooks after some layers
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
     ref = _reference(m, x, g, B)
+    for dt in (DT, torch.float32):  # a reused padding workspace holding another call's values: only its border is
+        wgrad._workspace(x.to(dt), "x_pad", 10 ** 5).fill_(float("nan"))  # zeroed, the inside overwritten
     got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False,
                                 workspace_bytes=1)  # one example per workspace chunk
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
