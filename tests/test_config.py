@@ -41,3 +41,21 @@ def test_damping_rule(bad):
     with pytest.raises(ValueError, match=repr(bad) if bad == bad else "nan"):
         check_damping(bad)
     assert check_damping("1e-3") == 1e-3
+
+
+@pytest.mark.parametrize("env,first,want", [(None, "diffinfluence_widgets", "1"), ("0", "diffinfluence_widgets", "0"),
+                                            (None, "torch", None)])
+def test_huge_page_allocation_setting(env, first, want):
+    """Imported before torch, the package asks PyTorch for transparent huge pages (unless the user said 0); after
+    torch it changes nothing (PyTorch has already read the setting)."""
+    import os
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        e["THP_MEM_ALLOC_ENABLE"] = env
+    code = (f"import {first}, diffinfluence_widgets, os; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(want)
