@@ -238,10 +238,17 @@ class RemoteBackend:
     """An :class:`~diffinfluence_widgets.backend.InfluenceBackend` whose calls run in a :class:`BackendServer`.
 
     Connecting waits (up to ``timeout`` seconds) for the server's socket and for its backend to load. A wrong key
-    is a ``PermissionError``; a server that is gone is a :class:`BackendStopped` on this and every later call.
+    is a ``PermissionError``; a server that is gone is a :class:`BackendStopped` on this and every later call, and
+    so is one that leaves a call unanswered for ``call_timeout`` seconds (calls of all pages queue at the server,
+    so this is generous; ``None`` waits forever): the connection is then closed, since a late answer would be read
+    as the next call's.
     """
 
-    def __init__(self, address: str | Path, authkey: bytes, *, timeout: float = 600.0):
+    def __init__(self, address: str | Path, authkey: bytes, *, timeout: float = 600.0,
+                 call_timeout: float | None = 600.0):
+        if call_timeout is not None and not call_timeout > 0:
+            raise ValueError(f"call_timeout must be a positive number of seconds or None, got {call_timeout!r}")
+        self.call_timeout = call_timeout
         self.address = str(address)
         self._lock = threading.Lock()  # one request at a time on the connection (worker and kernel threads)
         self._stopped = ""
@@ -284,9 +291,12 @@ class RemoteBackend:
                 raise BackendStopped(self._stopped)
             try:
                 self._conn.send((name, args))
+                if self.call_timeout is not None and not self._conn.poll(self.call_timeout):
+                    raise TimeoutError(f"no answer to {name!r} within {self.call_timeout:g} s")
                 status, value = self._conn.recv()
-            except (EOFError, OSError) as e:
-                why = "the connection closed" if isinstance(e, EOFError) else (e.strerror or type(e).__name__)
+            except (EOFError, OSError) as e:  # TimeoutError is an OSError
+                why = ("the connection closed" if isinstance(e, EOFError) else
+                       str(e) if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__))
                 self._stopped = f"the influence backend stopped: {why} (reload the page once the server runs again)"
                 try:
                     self._conn.close()

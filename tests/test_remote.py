@@ -34,7 +34,8 @@ STANDIN_SERVER = """
 import os, threading
 from diffinfluence_widgets.remote import BackendServer
 from diffinfluence_widgets.widgets._standin import StandInBackend
-s = BackendServer(lambda: StandInBackend(num_train=300, fail_query=301), os.environ['ADDR'],
+s = BackendServer(lambda: StandInBackend(num_train=300, fail_query=301,
+                                         prepare_delay=float(os.environ.get('PREPARE_DELAY', '0'))), os.environ['ADDR'],
                   bytes.fromhex(os.environ["KEY"]), prepare_cache_size=4).start()
 s.loaded.wait()
 print('LISTENING', flush=True)
@@ -242,6 +243,28 @@ def test_the_servers_death_is_one_clear_line():
         RemoteBackend(server.address, server.key, timeout=0.5)
     with pytest.raises(BackendStopped, match=BACKEND_ADDRESS_ENV):
         RemoteBackend.from_env({})
+
+
+def test_a_call_left_unanswered_is_one_clear_line():
+    """A backend that does not answer within ``call_timeout`` (stuck, or queued behind far too much work) stops
+    this client with one line; the connection is dropped so that the late answer is never read as another call's."""
+    server = Server([sys.executable, "-c", STANDIN_SERVER], "LISTENING", env={"PREPARE_DELAY": "3"})
+    try:
+        remote = server.client(call_timeout=0.5)
+        q = remote.queries()[0].id
+        t0 = time.monotonic()
+        with pytest.raises(BackendStopped, match=r"no answer to 'prepare' within 0.5 s"):
+            remote.prepare(q, "loss", remote.methods[0])
+        assert time.monotonic() - t0 < 2.5
+        with pytest.raises(BackendStopped, match="no answer"):
+            remote.queries()
+        fresh = server.client()  # the server itself goes on
+        assert fresh.prepare(q, "loss", remote.methods[0]).query_id == q
+        fresh.close()
+        with pytest.raises(ValueError, match="call_timeout"):
+            server.client(call_timeout=0)
+    finally:
+        server.stop()
 
 
 def test_a_thin_kernel_imports_no_torch():
