@@ -30,13 +30,13 @@ import numpy as np
 from .._io import CorruptArtifactError, atomic_write_bytes, state_digest
 from ..config import check_damping
 
-__all__ = ["TRAKScorer", "DEFAULT_RELATIVE_DAMPING"]
+__all__ = ["TRAKScorer", "DEFAULT_TRAK_RELATIVE_DAMPING"]
 
 #: default λ for the TRAK family, as a multiple of the mean eigenvalue of ΦᵀΦ (see :meth:`TRAKScorer.default_damping`).
 #: Swept on the digits benchmark (``bench/digits_benchmark.py --quick``, k = 1024, relative λ = 10⁻⁶ … 10², LDS):
 #: TRAK peaked at 10 (17.6 %; 16.7 % at 1), D-TRAK at 1 (24.5 %; 24.0 % at 0.1); both are flat (≈ 12–14 %) below
 #: 10⁻³ — the "scores ≈ 0 at small λ" regime of the paper — so 1 is near the best for both.
-DEFAULT_RELATIVE_DAMPING = 1.0
+DEFAULT_TRAK_RELATIVE_DAMPING = 1.0
 
 
 class TRAKScorer:
@@ -103,7 +103,7 @@ class TRAKScorer:
         return sigma if sigma.ndim == 1 else None
 
     @staticmethod
-    def damping_from_spectrum(sigma: np.ndarray, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
+    def damping_from_spectrum(sigma: np.ndarray, relative: float = DEFAULT_TRAK_RELATIVE_DAMPING) -> float:
         """:meth:`default_damping` for the eigenvalues ``sigma``."""
         return float(relative * max(np.asarray(sigma).mean(), np.finfo(np.float64).tiny))
 
@@ -111,7 +111,7 @@ class TRAKScorer:
     def k(self) -> int:
         return int(self.u.shape[0])
 
-    def default_damping(self, relative: float = DEFAULT_RELATIVE_DAMPING) -> float:
+    def default_damping(self, relative: float = DEFAULT_TRAK_RELATIVE_DAMPING) -> float:
         """``relative`` × the mean eigenvalue of ΦᵀΦ (the baselines need a swept λ; this is the sweep's centre)."""
         return self.damping_from_spectrum(self.sigma, relative)
 
