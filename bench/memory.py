@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffinfluence_widgets  # noqa: F401  (before torch: the package's allocation setting, as the CLI has it)
 import torch
 
 CONFIGS = ("tiny", "demo", "cifar10")
