@@ -94,8 +94,8 @@ DEFAULT_TRAIN_DRAWS = 128
 #: something else for every model, loss scale and image size. Chosen on the issue-14 runs (``bench/RESULTS.md``):
 #: on 8×8 digits LDS is flat for rel = 1e-6 … 1e-1; on 16×16 digits the 3-model ensemble's LDS falls as λ grows
 #: (36.9 / 36.7 / 35.3 / 31.2 % at 1e-4 / 1e-3 / 1e-2 / 1e-1); 1e-3 is the largest (most stable) value within a
-#: point of the best; on validation queries no reported number uses (``EvaluationSettings.query_sample_seed``) it
-#: is within 0.3 pp of the best grid point on 8×8 digits, 16×16 digits and shapes. The explorer's K-FAC-family
+#: point of the best; on validation queries that no reported number uses (``EvaluationSettings.query_sample_seed``)
+#: it is within 0.3 pp of the best grid point on 8×8 digits, 16×16 digits and shapes. The explorer's K-FAC-family
 #: slider starts there too. The paper's absolute 1e-8 stays ``damping="absolute", dampings=(1e-8,)``.
 DEFAULT_RELATIVE_DAMPING = 1e-3
 #: independently trained full-data models whose score matrices the recommended default averages (issue 14;

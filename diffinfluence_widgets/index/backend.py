@@ -60,7 +60,8 @@ class IndexBackend:
     generated queries) and reused when the model, datasets, curvature and settings match.
 
     Methods: ``"ekfac"`` / ``"kfac"`` (the paper: EK-FAC or K-FAC eigenvalues of the fitted curvature, damping λ
-    added to the eigenvalues, default 1e-3 · τ with τ their mean; the paper's 1e-8 is absolute), ``"trak"`` (loss gradients, (ΦᵀΦ + λI)⁻¹ in the projected space),
+    added to the eigenvalues, default 1e-3 · τ with τ their mean; the paper's 1e-8 is absolute), ``"trak"`` (loss
+    gradients, (ΦᵀΦ + λI)⁻¹ in the projected space),
     ``"dtrak"`` (square-norm training gradients — its own store — with the chosen query measurement; D-TRAK proper
     is ``measurement="square_norm"``), ``"journey_trak"`` (TRAK with the query's per-step trajectory loss;
     generated queries only), ``"identity"`` (plain gradient dot product). Each method is a

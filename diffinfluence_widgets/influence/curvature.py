@@ -253,8 +253,8 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         if kept is not None:
             kept.append(_Captured(cap, rows))
             kept_bytes += kept[-1].nbytes
-            # over the budget, or going to be (judged from the first batch): the EK-FAC pass runs the network again
-            if kept_bytes > reuse_bytes or kept_bytes * (problem.num_batches or 1) > reuse_bytes * len(kept):
+            # the whole pass, judged from the batches so far: over the budget, the EK-FAC pass runs the network again
+            if kept_bytes / len(kept) * max(problem.num_batches or 0, len(kept)) > reuse_bytes:
                 kept = None
         for n in names:
             if kfac_approx == "expand":
@@ -332,7 +332,7 @@ def fit_factors(problem: FactorProblem, *, method: str = "ekfac", kfac_approx: s
         q_compute = {n: (out["q_a"][n].to(compute_dtype), out["q_b"][n].T.to(compute_dtype).contiguous())
                      for n in names}
 
-        if kept is not None and stage["batches_done"] == 0:
+        if kept is not None:  # (only when this call ran the whole K-FAC pass)
             for i, batch in enumerate(tqdm(kept, desc=f"EK-FAC eigenvalues (GGN^{fisher}, kept activations)",
                                            unit="batch", disable=not progress)):
                 consume_ekfac(batch, batch.rows, True)

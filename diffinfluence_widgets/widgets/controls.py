@@ -103,7 +103,8 @@ class Controls(W.VBox):
         #: where λ sits relative to the curvature scale τ, with the noise region (λ < 1e-6 τ) marked
         self.scale = W.HTML()
         self.scale.add_class("dinf-damping-scale")
-        super().__init__([self.method, self.measurement, W.HBox([self.damping, self.damping_value, self.reset_damping]), self.scale,
+        super().__init__([self.method, self.measurement,
+                          W.HBox([self.damping, self.damping_value, self.reset_damping]), self.scale,
                           self.band, self.k, self.note], **kwargs)
         self._draw_scale()
         self.add_class("dinf-controls")
@@ -201,18 +202,24 @@ class Controls(W.VBox):
         0.05-decade grid and sends the snapped value back. An echo of the session's current λ is ignored; an echo
         of an earlier push (it can arrive after the session has moved on) also puts the session's λ back on the
         slider. A user's drag within ECHO_WINDOW_S to the grid point of an earlier push is taken for an echo too."""
-        step, now = self.damping.step, time.monotonic()
+        step = self.damping.step
         if _within_half_step(value, self.session.damping, step):
             return True
-        if not any(now - t <= ECHO_WINDOW_S and _within_half_step(value, v, step) for t, v in self._pushed):
+        if not any(_within_half_step(value, v, step) for v in self._recent_pushes()):
             return False
         self._push(self.session.damping)
         return True
 
+    def _recent_pushes(self) -> list[float]:
+        """The λ values pushed within ECHO_WINDOW_S (older ones are forgotten)."""
+        now = time.monotonic()
+        self._pushed = [(t, v) for t, v in self._pushed if now - t <= ECHO_WINDOW_S]
+        return [v for _, v in self._pushed]
+
     def _push(self, value: float) -> None:
         """Set the slider to ``value`` (from Python, not a user change) and remember it for :meth:`_is_echo`."""
-        now = time.monotonic()
-        self._pushed = [(t, v) for t, v in self._pushed if now - t <= ECHO_WINDOW_S] + [(now, value)]
+        self._recent_pushes()  # forget the expired pushes
+        self._pushed.append((time.monotonic(), value))
         syncing, self._syncing = self._syncing, True
         try:
             self.damping.value = value
