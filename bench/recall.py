@@ -4,10 +4,14 @@ For the shipped demo config (or ``--config tiny``), for each query, each K-FAC-f
 the damping slider's range (the range :class:`~diffinfluence_widgets.widgets.controls.Controls` shows), prints
 recall@10 against exact scores for proponents and opponents of:
 
-- **raw (FAISS)**: the projected search (``IndexBackend.search``), the instant first answer for a new setting;
-- **profile**: the top-10 of the query's damping-profile estimate (available instantly once a query was refined
-  once: an ``[N, B]`` product, no pass over the store);
+- **raw**: the instant first answer for a new setting, as the explorer gets it (``IndexBackend.search``): the
+  8-bit scan of every training image (``route="int8"``) for a query without a damping profile, the profile's
+  estimate after the query's first refinement (``"profile"``: an ``[N, B]`` product, no pass over the store);
+- **int8 scan**: the 8-bit scan at *every* λ (what a new query opened at that λ gets first);
+- **FAISS**: the projected search (``route="faiss"``; the instant answer where there is no exact store);
 - **refined**: ``IndexBackend.refine``, the answer the explorer finally shows.
+
+``raw_min`` is the minimum over the raw answers and the 8-bit scans at every λ.
 
 The exact reference is computed here independently of the exact store and of :mod:`diffinfluence_widgets.refine`:
 one pass of full training gradients with the store's draws, rotated into the eigenbasis in float64 and kept in
@@ -110,8 +114,9 @@ def main() -> None:
     R = torch.cat(rows)  # [N, P] float64
     print(f"reference gradients: {time.perf_counter() - t1:.1f} s ({R.numel() * 8 / 2**30:.2f} GiB float64)")
 
-    raw_min, ref_min, prof_min = 1.0, 1.0, 1.0
-    first_ms, change_ms, prepare_ms, rss_growth = [], [], [], []
+    raw_min, ref_min, prof_min, int8_min, faiss_min = 1.0, 1.0, 1.0, 1.0, 1.0
+    first_ms, change_ms, prepare_ms, rss_growth, scan_ms, raw_ms = [], [], [], [], [], []
+    routes = {}
     table = {}  # (method, decade) -> lists
     for q in qs:
         for m in methods:
@@ -128,11 +133,17 @@ def main() -> None:
                 n = len(exact)
                 e_pro = np.lexsort((np.arange(n), -exact))[: args.k]
                 e_opp = np.lexsort((np.arange(n), exact))[: args.k]
-                raw = b.search(p, lam, args.k)
+                t = time.perf_counter()
+                raw = b.search(p, lam, args.k)  # what the explorer shows first
+                raw_ms.append((time.perf_counter() - t) * 1e3)
+                routes[raw.stats.get("route")] = routes.get(raw.stats.get("route"), 0) + 1
+                t = time.perf_counter()
+                scan = b.search(p, lam, args.k, "int8") if b.quantised is not None else None
+                scan_ms.append((time.perf_counter() - t) * 1e3)
+                faiss_r = b.search(p, lam, args.k, "faiss")
                 prof = None
-                if p.payload.exact_state is not None:  # the damping profile of this query exists
-                    est, _ = b._exact[m].bounds(p.payload.exact_state, lam)
-                    prof = (np.argsort(-est)[: args.k], np.argsort(est)[: args.k])
+                if p.payload.exact_state is not None and p.payload.exact_state.profile_p is not None:
+                    prof = b.search(p, lam, args.k, "profile")
                 rss0 = _rss()
                 t = time.perf_counter()
                 ref = b.refine(p, lam, args.k)
@@ -141,29 +152,38 @@ def main() -> None:
                     rss_growth.append(_rss() - rss0)
                 (first_ms if i == 0 else change_ms).append(ms)
                 pos = st.positions
-                r = [recall(pos(raw.proponent_ids), e_pro), recall(pos(raw.opponent_ids), e_opp),
-                     recall(pos(ref.proponent_ids), e_pro), recall(pos(ref.opponent_ids), e_opp)]
-                if prof is not None:
-                    r += [recall(prof[0], e_pro), recall(prof[1], e_opp)]
-                    prof_min = min(prof_min, *r[4:])
+
+                def rec(r):
+                    return [recall(pos(r.proponent_ids), e_pro), recall(pos(r.opponent_ids), e_opp)]
+                r = rec(raw) + rec(ref) + rec(faiss_r) + (rec(scan) if scan is not None else [np.nan] * 2)
+                r += rec(prof) if prof is not None else [np.nan] * 2
                 raw_min, ref_min = min(raw_min, r[0], r[1]), min(ref_min, r[2], r[3])
+                faiss_min = min(faiss_min, r[4], r[5])
+                if scan is not None:
+                    int8_min = min(int8_min, r[6], r[7])
+                if prof is not None:
+                    prof_min = min(prof_min, r[8], r[9])
                 ok = np.allclose(ref.proponent_scores, exact[e_pro], rtol=1e-4, atol=1e-7 * np.abs(exact).max())
                 cell = table.setdefault((m, round(math.log10(lam))), [])
                 cell.append(r + [ref.stats.get("candidates", -1), float(ok)])
     print()
-    print("| method | λ | raw FAISS prop / opp | profile estimate prop / opp | refined prop / opp | "
-          "candidates rescored (median) | refined scores = exact |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | λ | raw (as shown) prop / opp | 8-bit scan prop / opp | FAISS prop / opp | "
+          "profile estimate prop / opp | refined prop / opp | candidates rescored (median) | refined scores = exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (m, e), cells in sorted(table.items()):
-        a = np.array([c[:4] for c in cells]).mean(0)
-        pr = [c[4:6] for c in cells if len(c) == 8]
-        prs = " / ".join(f"{v:.2f}" for v in np.array(pr).mean(0)) if pr else "—"
+        a = np.array([c[:10] for c in cells])
+
+        def pair(i):
+            col = a[:, i:i + 2]
+            col = col[~np.isnan(col).any(1)]
+            return " / ".join(f"{v:.2f}" for v in col.mean(0)) if len(col) else "—"
         cand = int(np.median([c[-2] for c in cells]))
         good = all(c[-1] == 1.0 for c in cells)
-        print(f"| {m} | 1e{e} | {a[0]:.2f} / {a[1]:.2f} | {prs} | {a[2]:.2f} / {a[3]:.2f} | {cand} | "
+        print(f"| {m} | 1e{e} | {pair(0)} | {pair(6)} | {pair(4)} | {pair(8)} | {pair(2)} | {cand} | "
               f"{'yes' if good else 'NO'} |")
     print()
-    print(f"query-side gradient + rotation (prepare, {b.query_num_draws} draws): median {np.median(prepare_ms):.0f} ms, "
+    print(f"query-side gradient + rotation (prepare, {b.query_num_draws} draws): "
+          f"median {np.median(prepare_ms):.0f} ms, "
           f"max {np.max(prepare_ms):.0f} ms")
     print(f"refine latency, new query (one streamed pass over the exact store): median "
           f"{np.median(first_ms):.0f} ms, max {np.max(first_ms):.0f} ms ({len(first_ms)} queries × methods); "
@@ -172,7 +192,12 @@ def main() -> None:
           f"(the store is {len(st) * st.bytes_per_example / 2**20:.0f} MiB: read in chunks, not mapped)")
     print(f"refine latency, damping change (profile bounds + candidate rows): median {np.median(change_ms):.1f} ms, "
           f"p95 {np.percentile(change_ms, 95):.1f} ms ({len(change_ms)} changes)")
-    print(f"profile estimate (instant after a query's first refine): recall@{args.k} min {prof_min:.2f}")
+    print(f"instant answers: routes {routes}; latency median {np.median(raw_ms):.1f} ms, max {np.max(raw_ms):.1f} ms; "
+          f"8-bit scan alone median {np.median(scan_ms):.1f} ms"
+          + (f" ({len(st) * b.quantised.bytes_per_example / 2**20:.0f} MiB scanned)" if b.quantised is not None
+             else " (no 8-bit copy)"))
+    print(f"recall@{args.k} minima: 8-bit scan {int8_min:.2f}, profile estimate {prof_min:.2f}, FAISS {faiss_min:.2f}")
+    raw_min = min(raw_min, int8_min)
     print(f"RECALL raw_min={raw_min:.2f} refined_min={ref_min:.2f} refine_median_ms={np.median(change_ms):.1f}")
 
 

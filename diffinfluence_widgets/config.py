@@ -197,6 +197,9 @@ class IndexConfig:
     exact_dtype: str = "float32"
     exact_max_bytes: int = 4 << 30
     refine_bins: int = 1024
+    #: with an exact store, also keep its 8-bit copy for the instant first answer of a new query (an 8-bit scan
+    #: of every training image instead of the FAISS search; 1 byte per curvature parameter per image on disk)
+    instant_scan: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, (str, bytes)) or not len(self.methods):
@@ -216,6 +219,8 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.exact_dtype must be 'float32' or 'float64', got {self.exact_dtype!r}")
         _positive_int("IndexConfig", "exact_max_bytes", self.exact_max_bytes, 0)
         _positive_int("IndexConfig", "refine_bins", self.refine_bins, 2)
+        if not isinstance(self.instant_scan, bool):
+            raise ValueError(f"IndexConfig.instant_scan must be True or False, got {self.instant_scan!r}")
 
 
 def split_settings(settings: Mapping[str, Any], *configs: type) -> list[dict[str, Any]]:

@@ -336,8 +336,8 @@ class RemoteBackend:
     def scores(self, prepared: PreparedQuery, damping: float):
         return self._call("scores", self._key(prepared), float(damping))
 
-    def search(self, prepared: PreparedQuery, damping: float, k: int):
-        return self._call("search", self._key(prepared), float(damping), int(k))
+    def search(self, prepared: PreparedQuery, damping: float, k: int, route: str | None = None):
+        return self._call("search", self._key(prepared), float(damping), int(k), *(() if route is None else (route,)))
 
     def refine(self, prepared: PreparedQuery, damping: float, k: int):
         return self._call("refine", self._key(prepared), float(damping), int(k))

@@ -47,6 +47,9 @@ class InfluenceResult:
     exact: bool = False
     #: what an exact answer ranked: every training image (``"all"``) or the index's candidates (``"candidates"``)
     exact_over: str = ""
+    #: how the backend answered (``SearchResult.stats["route"]``, e.g. ``"int8"``, ``"profile"``, ``"faiss"``;
+    #: empty when it does not say): passing it back to ``search(..., route=...)`` reproduces an instant answer
+    route: str = ""
     #: for an approximate answer: the mean overlap of earlier approximate answers with their refined ones
     #: (this session, this method), or None before the first refinement
     est_recall: float | None = None
@@ -180,5 +183,6 @@ def result_from_search(r, s: dict, request_id: int, elapsed_s: float, train_ids,
                            method=s["method"], band=s["band"], damping=float(s["damping"]), k=int(s["k"]),
                            proponents=side(r.proponent_ids, r.proponent_scores, "proponent"),
                            opponents=side(r.opponent_ids, r.opponent_scores, "opponent"), exact=bool(r.exact),
-                           exact_over=str(getattr(r, "exact_over", "")), elapsed_s=elapsed_s,
+                           exact_over=str(getattr(r, "exact_over", "")),
+                           route=str((getattr(r, "stats", None) or {}).get("route", "")), elapsed_s=elapsed_s,
                            train_ids=np.asarray(train_ids), **extra)

@@ -81,8 +81,9 @@ def test_refined_answer_equals_exact_full_gradient_scores(setup, method, measure
         rb = b.refine(band_p, lam, k)  # a timestep band: its own query part
         _check(rb, ref[i].band_matrix[1, 0].numpy(), b.train_ids, k)
     assert calls == [], "a damping change after refinement computed training gradients"
-    # the approximate answer is the projected search; the refined one says what it is exact over
-    assert not b.search(p, 1e-8, k).exact
+    # the instant answer (here the damping profile's estimate) is marked approximate
+    r = b.search(p, 1e-8, k)
+    assert not r.exact and r.stats["route"] == "profile"
 
 
 def test_refine_rejects_bad_damping(setup):
@@ -189,6 +190,107 @@ def test_streamed_profile_equals_direct_sums_and_bounds_hold(setup, method):
     maps = Path("/proc/self/maps")
     if maps.exists():  # the passes read the store; none of its files stays mapped into the process
         assert str(st.path) not in maps.read_text()
+
+
+@pytest.mark.parametrize("method", ["ekfac", "kfac"])
+def test_instant_answers_stay_within_their_error_bounds(setup, method, monkeypatch):
+    """The instant answer of a new query is the 8-bit scan of every training image (its best candidates rescored
+    exactly), after the first refinement the damping profile's estimate; each score is within its rigorous bound of
+    the exact one, every listed image's exact score is within twice the bound of the exact k-th, a route given back
+    reproduces the answer bit for bit, and no instant answer computes a training gradient."""
+    import diffinfluence_widgets.influence.gradients as grads
+    from diffinfluence_widgets.index.refine import flat_eigenvalues
+
+    _, _, held, curv, b = setup
+    R = b.exact_store.read(0, len(b.exact_store))
+    lam_vec = flat_eigenvalues(curv, method)
+    k = 5
+    p = b.prepare(int(held.ids[1]), "elbo_simplified", method, band=b.bands[2])  # a fresh query: no profile
+    u = torch.cat([p.payload.exact_rot[n].reshape(-1) for n in b.layer_names]).numpy()
+    calls = []
+    real = grads.per_example_gradients
+    monkeypatch.setattr(grads, "per_example_gradients", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def within(r, exact, bound):
+        pos = b.exact_store.positions
+        for ids, scores, sign in ((r.proponent_ids, r.proponent_scores, 1), (r.opponent_ids, r.opponent_scores, -1)):
+            assert np.all(np.abs(scores - exact[pos(ids)]) <= bound)
+            kth = np.sort(sign * exact)[::-1][k - 1]
+            assert np.all(sign * exact[pos(ids)] >= kth - 2 * bound)
+
+    first = {}
+    for lam in DAMPINGS:
+        w = u / (lam_vec + lam)
+        exact = R @ w
+        r = b.search(p, lam, k)
+        assert r.stats["route"] == "int8" and not r.exact
+        terms = np.abs(w * b.quantised.scales) @ np.abs(b.quantised.dequantised().T / b.quantised.scales[:, None])
+        bound = b.quantised.error_bound(w) + 1e-5 * terms.max()  # byte rounding + float32 products
+        within(r, exact, bound)
+        tol = 1e-9 * np.abs(exact).max()  # the scan's candidates are rescored from their exact rows
+        pos = b.exact_store.positions
+        np.testing.assert_allclose(r.proponent_scores, exact[pos(r.proponent_ids)], rtol=1e-9, atol=tol)
+        np.testing.assert_allclose(r.opponent_scores, exact[pos(r.opponent_ids)], rtol=1e-9, atol=tol)
+        assert list(r.proponent_scores) == sorted(r.proponent_scores, reverse=True)
+        first[lam] = r
+    assert calls == []
+    b.refine(p, DAMPINGS[0], k)  # the query's first refinement: its damping profile now exists
+    sc = b._exact[method]
+    for lam in DAMPINGS:
+        r = b.search(p, lam, k)
+        assert r.stats["route"] == "profile"
+        _, err = sc.bounds(p.payload.exact_state, lam)
+        within(r, R @ (u / (lam_vec + lam)), err.max())
+        again = b.search(p, lam, k, "int8")  # the route given back: the same answer as before the profile
+        assert list(again.proponent_ids) == list(first[lam].proponent_ids)
+        assert list(again.opponent_scores) == list(first[lam].opponent_scores)
+        assert b.search(p, lam, k, "faiss").stats["route"] == "faiss"
+    assert calls == [], "an instant answer computed training gradients"
+    with pytest.raises(ValueError, match="route"):
+        b.search(p, 1e-3, k, "exact")
+
+
+def test_quantised_copy_round_trips_and_is_refused_for_another_store(setup, tmp_path):
+    """Every byte code is within half a step of its float64 entry; a copy made from another exact store is refused
+    (and made again by the build); a truncated or unfinished one is never used."""
+    from diffinfluence_widgets.store.exact import ExactStoreCorruptError, ExactStoreMismatchError, build_exact_store
+    from diffinfluence_widgets.store.quantised import QuantisedStore, build_quantised_store
+
+    model, train, _, curv, b = setup
+    qs, st = b.quantised, b.exact_store
+    R = st.read(0, len(st))
+    deq = qs.dequantised()
+    assert deq.shape == R.shape and qs.bytes_per_example == st.num_parameters
+    assert np.all(np.abs(deq - R) <= 0.5 * qs.scales * (1 + 1e-6) + 2.0 ** -23 * np.abs(deq))  # + float32 rounding
+    assert np.allclose(np.abs(R).max(0), 127 * qs.scales, rtol=1e-6)  # the scale of a column is its largest entry
+    np.testing.assert_array_equal(qs.dequantised(3, 7), deq[3:7])
+    w = np.random.default_rng(0).standard_normal(st.num_parameters)
+    np.testing.assert_allclose(qs.scan(w), deq.astype(np.float64) @ w, rtol=1e-4,
+                               atol=1e-5 * np.abs(deq * w).sum(1).max())
+    other = build_exact_store(tmp_path / "other", model, train, curv, num_draws=4, seed=1, dtype="float64",
+                              progress=False)
+    with pytest.raises(ExactStoreMismatchError, match="another exact store"):
+        QuantisedStore.open(qs.path, other)
+    copy = build_quantised_store(st, tmp_path / "copy")
+    assert (copy.path / "codes.npy").read_bytes() == (qs.path / "codes.npy").read_bytes()
+    with pytest.warns(RuntimeWarning, match="another exact store"):
+        remade = build_quantised_store(other, tmp_path / "copy")  # made again for the store it is asked for
+    assert not np.array_equal(remade.dequantised(), deq)
+    with open(tmp_path / "copy" / "codes.npy", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ExactStoreCorruptError, match="codes"):
+        QuantisedStore.open(tmp_path / "copy", other)
+    (tmp_path / "copy" / "manifest.json").unlink()  # as after an interrupted build
+    with pytest.raises(Exception, match="manifest.json missing"):
+        QuantisedStore.open(tmp_path / "copy")
+    np.testing.assert_array_equal(build_quantised_store(other, tmp_path / "copy").dequantised(), remade_bytes(other))
+
+
+def remade_bytes(exact):
+    """The dequantised rows the 8-bit copy of ``exact`` must hold, written out: round(r / s) · s, s = max|r| / 127."""
+    R = exact.read(0, len(exact))
+    s = np.where(np.abs(R).max(0) > 0, np.abs(R).max(0) / 127, 1.0).astype(np.float32)
+    return (np.clip(np.rint(R / s.astype(np.float64)), -127, 127).astype(np.int8).astype(np.float32) * s)
 
 
 def _rotated_basis(curv):

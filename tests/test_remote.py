@@ -133,7 +133,12 @@ def check_protocol(remote, local, query_ids, dampings, k=7):
                 for lam in dampings[meth]:
                     what = f"{q}/{meas}/{meth}/{lam}"
                     assert_same(remote.scores(pr, lam), local.scores(pl, lam), "scores " + what)
-                    assert_same(remote.search(pr, lam, k), local.search(pl, lam, k), "search " + what)
+                    got, want = remote.search(pr, lam, k), local.search(pl, lam, k)
+                    assert_same(got, want, "search " + what)
+                    route = (getattr(want, "stats", None) or {}).get("route")
+                    if route and route != "faiss":  # a route asked through the server: the same answer
+                        assert_same(remote.search(pr, lam, k, "faiss"), local.search(pl, lam, k, "faiss"),
+                                    "faiss route " + what)
                     if remote.refine is not None:
                         assert_same(remote.refine(pr, lam, k), local.refine(pl, lam, k), "refine " + what)
                     assert_same(remote.band_profile(pr, lam, ids), local.band_profile(pl, lam, ids), "bands " + what)

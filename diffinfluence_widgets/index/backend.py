@@ -28,7 +28,7 @@ from ..influence.projection import KroneckerProjector, make_projector
 from ..measurements import get_measurement, timestep_bands
 from ..store import ProjectedStore, StoreError, StoreMismatchError, build_store, store_feature_fn
 from ..store.manifest import _canonical, _curvature_fingerprint, _json_bytes
-from .exact import exact_rotation, refine, setup_exact
+from .exact import exact_rotation, instant, refine, setup_exact
 from .faiss_index import FeatureIndex
 from .queries import GENERATED_ID_BASE, QueryBook
 
@@ -83,7 +83,9 @@ class IndexBackend:
     keeps every training gradient rotated into the eigenbasis on disk (:mod:`~diffinfluence_widgets.store.exact`,
     ``exact_dtype`` float32 or float64) so that :meth:`refine` is exact over all training images at any λ
     (``refine_bins`` eigenvalue bins of the damping profile, :mod:`.refine`); the opened store is then the
-    attribute ``exact_store`` (``None`` otherwise).
+    attribute ``exact_store`` (``None`` otherwise). With it, ``instant_scan`` (default True) also keeps its 8-bit
+    copy (:mod:`~diffinfluence_widgets.store.quantised`, attribute ``quantised``: 1 B per parameter per image),
+    which gives :meth:`search` its first answer for a new query instead of the FAISS index.
 
     Sign convention: a **positive** score means removing the training example is predicted to **increase** the
     query's measurement (for the loss: a proponent).
@@ -335,23 +337,31 @@ class IndexBackend:
         images or the index's ``"candidates"``). See :mod:`diffinfluence_widgets.index.exact`."""
         return refine(self, prepared, damping, k)
 
-    def search(self, prepared, damping: float, k: int):
-        """Top-k proponents and opponents from the FAISS index; with ``rescore_candidates > 0`` the candidates of
-        a method with exact rescoring are rescored with full gradients (``exact=True``)."""
+    def search(self, prepared, damping: float, k: int, route: str | None = None):
+        """The instant answer: top-k proponents and opponents (``exact=False``; ``stats["route"]`` says how).
+
+        K-FAC family with an exact store: the query's damping-profile estimate once it has one (``"profile"``),
+        before that the 8-bit scan of every training image (``"int8"``); otherwise the FAISS index
+        (``"faiss"``). ``route`` forces one of them (a check reproducing an earlier answer). With
+        ``rescore_candidates > 0`` the FAISS candidates of a method with exact rescoring are rescored with full
+        gradients instead (``exact=True``)."""
         p: _Payload = prepared.payload
-        q = self._query_features(prepared, damping)[0]
-        index = self._index[self._array(p, damping)]
-        if self.rescore_candidates > 0 and p.pre.exact:
+        if self.rescore_candidates > 0 and p.pre.exact and route is None:
+            q = self._query_features(prepared, damping)[0]
             m = max(int(k), self.rescore_candidates)
-            pi, _, oi, _ = index.proponents_opponents(q, m)
+            pi, _, oi, _ = self._index[self._array(p, damping)].proponents_opponents(q, m)
             cand = np.unique(np.concatenate([pi, oi]))
             exact = self.exact_scores(prepared, damping, cand)
             order = np.argsort(-exact, kind="stable")
             top, bot = order[: int(k)], order[::-1][: int(k)]
             return SearchResult(cand[top], exact[top], cand[bot], exact[bot], float(damping), exact=True,
-                                exact_over="candidates")
-        pi, ps, oi, os_ = index.proponents_opponents(q, int(k))
-        return SearchResult(pi, ps, oi, os_, float(damping), exact=False)
+                                exact_over="candidates", stats={"route": "faiss+rescore"})
+        fast = instant(self, prepared, check_damping(damping), k, route)
+        if fast is not None:
+            return fast
+        q = self._query_features(prepared, damping)[0]
+        pi, ps, oi, os_ = self._index[self._array(p, damping)].proponents_opponents(q, int(k))
+        return SearchResult(pi, ps, oi, os_, float(damping), exact=False, stats={"route": "faiss"})
 
     def exact_scores(self, prepared, damping: float, ids: Sequence[int]) -> np.ndarray:
         """Scores with full (unprojected) training gradients, for methods that define them (K-FAC family,

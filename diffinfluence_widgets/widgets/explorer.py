@@ -130,14 +130,17 @@ class InfluenceExplorer(W.VBox):
                 "method": r.method, "band": list(r.band) if r.band else None, "damping": repr(r.damping),
                 "k": r.k, "proponents": [i.id for i in r.proponents], "opponents": [i.id for i in r.opponents],
                 "page": self.gallery.page, "elapsed_ms": round(r.elapsed_s * 1000, 3),
-                "exact": r.exact, "exact_over": r.exact_over, "badge": r.badge, "refining": self.session.refining,
+                "exact": r.exact, "exact_over": r.exact_over, "route": r.route, "badge": r.badge,
+                "refining": self.session.refining,
                 "requested_at": r.requested_at, "finished_at": r.finished_at, "status_at": time.time()}
         if self.check_backend:
             b = self.session.backend
             p = b.prepare(r.query_id, r.measurement, r.method, r.band)
-            # what the shown stage must equal: the refined (exact) answer, or the instant projected search
-            sr = b.refine(p, r.damping, r.k) if r.exact and callable(getattr(b, "refine", None)) \
-                else b.search(p, r.damping, r.k)
+            # what the shown stage must equal: the refined (exact) answer, or the instant one by the same route
+            if r.exact and callable(getattr(b, "refine", None)):
+                sr = b.refine(p, r.damping, r.k)
+            else:
+                sr = b.search(p, r.damping, r.k, *((r.route,) if r.route else ()))
             data["backend_search"] = {"proponent_ids": [int(i) for i in sr.proponent_ids],
                                       "proponent_scores": [repr(float(v)) for v in sr.proponent_scores],
                                       "opponent_ids": [int(i) for i in sr.opponent_ids],

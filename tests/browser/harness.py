@@ -288,7 +288,8 @@ def expected_search(backend, status: dict):
     p = backend.prepare(status["query_id"], status["measurement"], status["method"], band)
     if status.get("exact") and callable(getattr(backend, "refine", None)):
         return backend.refine(p, float(status["damping"]), int(status["k"]))
-    return backend.search(p, float(status["damping"]), int(status["k"]))
+    route = status.get("route")
+    return backend.search(p, float(status["damping"]), int(status["k"]), *((route,) if route else ()))
 
 
 def check_gallery_matches_backend(page, backend, page_size: int = 12) -> dict:
