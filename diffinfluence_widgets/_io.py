@@ -100,6 +100,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_npy(path: str | Path, array) -> Path:
+    """``np.save(array)`` written atomically."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_json(path: str | Path, obj: Any, **dumps_kw) -> Path:
     """``json.dumps(obj, indent=1, sort_keys=True, **dumps_kw)`` written atomically."""
     kw = {"indent": 1, "sort_keys": True, **dumps_kw}

@@ -24,7 +24,6 @@ Cost: ``P × itemsize`` bytes per training example on disk (P = the number of cu
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from .._io import atomic_write_bytes, atomic_write_text, sha256_file as _sha256_file
+from .._io import atomic_write_npy, atomic_write_text, sha256_file as _sha256_file
 from ..influence.gradients import per_example_gradients
 from .manifest import StoreCorruptError, StoreError, StoreMismatchError, read_finished_manifest, shard_done
 
@@ -100,6 +99,28 @@ def _layout(curvature) -> tuple[list[str], dict[str, list[int]], dict[str, int]]
         offsets[n] = o
         o += shapes[n][0] * shapes[n][1]
     return names, shapes, offsets
+
+
+def npy_layout(path: Path) -> tuple[tuple, bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, byte offset of the data)`` from a ``.npy`` file's header (OSError /
+    ValueError when it cannot be read)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dt = header(fh)
+        return tuple(shape), bool(fortran), dt, fh.tell()
+
+
+def read_exactly(f, view: np.ndarray, early: str) -> None:
+    """Fill the C-contiguous ``view`` from the open file ``f`` (at its position); :class:`ExactStoreCorruptError`
+    with the message ``early`` when the file ends first."""
+    mv = memoryview(view.reshape(-1).view(np.uint8))
+    got = 0
+    while got < len(mv):
+        n = f.readinto(mv[got:])
+        if not n:
+            raise ExactStoreCorruptError(early)
+        got += n
 
 
 @dataclass(frozen=True)
@@ -163,13 +184,7 @@ class ExactStore:
     def _fill(self, f, shard: ExactShard, lo: int, view: np.ndarray) -> None:
         """Read rows ``lo … lo + len(view)`` of ``shard`` (open file ``f``) into the C-contiguous ``view``."""
         f.seek(shard.offset + (lo - shard.lo) * self.bytes_per_example)
-        mv = memoryview(view.reshape(-1).view(np.uint8))
-        got = 0
-        while got < len(mv):
-            n = f.readinto(mv[got:])
-            if not n:
-                raise ExactStoreCorruptError(f"shard {shard.path} ended early (truncated?); rerun the build")
-            got += n
+        read_exactly(f, view, f"shard {shard.path} ended early (truncated?); rerun the build")
 
     def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``lo … hi − 1`` (store order) as ``[hi − lo, P]`` in the store's dtype, read into ``out`` when
@@ -251,12 +266,7 @@ class ExactStore:
             if verify and _sha256_file(f) != sh["sha256"]:
                 raise ExactStoreCorruptError(f"shard {f} fails its SHA-256 checksum (corrupt); rerun the build")
             try:
-                with open(f, "rb") as fh:
-                    version = np.lib.format.read_magic(fh)
-                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0)
-                    shape, fortran, dt = header(fh)
-                    offset = fh.tell()
+                shape, fortran, dt, offset = npy_layout(f)
             except (OSError, ValueError) as e:
                 raise ExactStoreCorruptError(f"shard {f} cannot be read ({e}); rerun the build") from None
             want = np.dtype(_DTYPES[st["dtype"]])
@@ -328,9 +338,7 @@ def build_exact_store(path: str | Path, model, dataset, curvature, *, num_draws:
                     p.unlink()
     (root / "shards").mkdir(parents=True, exist_ok=True)
     atomic_write_text(mf, _json({**head, "complete": False, "shards": []}))
-    buf = io.BytesIO()
-    np.save(buf, ids)
-    atomic_write_bytes(root / "ids.npy", buf.getvalue())
+    atomic_write_npy(root / "ids.npy", ids)
 
     digest = _settings_digest(head)
     np_dtype = _DTYPES[dtype]

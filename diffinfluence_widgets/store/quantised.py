@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_text
-from .exact import ExactStore, ExactStoreCorruptError, ExactStoreError, ExactStoreMismatchError
+from .._io import atomic_write, atomic_write_npy, atomic_write_text
+from .exact import (ExactStore, ExactStoreCorruptError, ExactStoreError, ExactStoreMismatchError, npy_layout,
+                    read_exactly)
 from .manifest import read_finished_manifest
 
 __all__ = ["QuantisedStore", "build_quantised_store", "QUANTISED_FORMAT"]
@@ -85,13 +86,7 @@ class QuantisedStore:
             f.seek(self.offset)
             for lo in range(0, n, step):
                 rows = min(n, lo + step) - lo
-                mv = memoryview(buf[:rows].reshape(-1).view(np.uint8))
-                got = 0
-                while got < len(mv):
-                    r = f.readinto(mv[got:])
-                    if not r:
-                        raise ExactStoreCorruptError(f"{self.path / 'codes.npy'} ended early; rebuild the copy")
-                    got += r
+                read_exactly(f, buf[:rows], f"{self.path / 'codes.npy'} ended early; rebuild the copy")
                 yield lo, buf[:rows]
 
     def dequantised(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -139,27 +134,17 @@ class QuantisedStore:
             f = root / "scales.npy"
             scales = np.load(f)
             f = root / "codes.npy"
-            with open(f, "rb") as fh:
-                version = np.lib.format.read_magic(fh)
-                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                          else np.lib.format.read_array_header_2_0)
-                shape, fortran, dt = header(fh)
-                offset = fh.tell()
+            shape, fortran, dt, offset = npy_layout(f)
         except (OSError, ValueError) as e:
             raise ExactStoreCorruptError(f"{f} of the 8-bit copy cannot be read ({e}); rebuild the copy") from None
         size = (root / "codes.npy").stat().st_size
-        if (tuple(shape) != (n, P) or dt != np.int8 or fortran or offset + n * P != size or ids.shape != (n,)
+        if (shape != (n, P) or dt != np.int8 or fortran or offset + n * P != size or ids.shape != (n,)
                 or scales.shape != (P,) or scales.dtype != np.float32):
             raise ExactStoreCorruptError(f"the 8-bit copy at {root} holds codes.npy {dt} {shape} ({size} bytes), "
                                          f"expected int8 {(n, P)} with {n} ids and {P} scales; rebuild it")
         if exact is not None and not np.array_equal(ids, exact.ids):
             raise ExactStoreMismatchError(f"{root} lists other ids than the exact store {exact.path}")
         return cls(root, man, ids, scales, offset)
-
-
-def _save(path: str, a: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, a)
 
 
 def build_quantised_store(exact: ExactStore, path: str | Path | None = None, *, progress: bool = False,
@@ -195,8 +180,8 @@ def build_quantised_store(exact: ExactStore, path: str | Path | None = None, *, 
             os.fsync(f.fileno())
 
     atomic_write(root / "codes.npy", write_codes)
-    for name, arr in (("scales.npy", scales), ("ids.npy", np.asarray(exact.ids, dtype=np.int64))):
-        atomic_write(root / name, lambda tmp, a=arr: _save(tmp, a))
+    atomic_write_npy(root / "scales.npy", scales)
+    atomic_write_npy(root / "ids.npy", np.asarray(exact.ids, dtype=np.int64))
     bar.close()
     atomic_write_text(root / "manifest.json", json.dumps({
         "format": QUANTISED_FORMAT, "complete": True, "source": source_digest(exact), "num_examples": n,
