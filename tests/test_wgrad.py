@@ -57,6 +57,41 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,padding,stride,dilation", [(3, 1, 1, 1), (3, 0, 1, 1), (3, 1, 2, 1), (3, 2, 1, 2),
+                                                        (5, 2, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_route_equals_autograd(kernel, padding, stride, dilation, channels_last, monkeypatch):
+    """One row per example at ≥ 16×16 output positions in float32 (the demo UNet's 16×16 layers): the batch as the
+    groups of one weight-gradient convolution. Equal to autograd, and to the im2col route it replaces."""
+    torch.manual_seed(2)
+    m = nn.Conv2d(4, 8, kernel, padding=padding, stride=stride, dilation=dilation).to(DT)
+    B = 3
+    x = torch.randn(B, 4, 34, 33, dtype=DT)
+    g = torch.randn_like(m(x))
+    if channels_last:
+        x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    ref = _reference(m, x, g, B)
+    routes = []
+    grouped, strided = wgrad._add_grouped_conv_, wgrad._add_strided_conv_
+    monkeypatch.setattr(wgrad, "_add_grouped_conv_", lambda *a: (routes.append("grouped"), grouped(*a)))
+    monkeypatch.setattr(wgrad, "_add_strided_conv_", lambda *a: (routes.append("im2col"), strided(*a)))
+    m32, x32, g32 = m.float(), x.float(), g.float()
+    got = add_conv_per_example_(torch.full_like(ref, float("nan"), dtype=torch.float32), m32, x32, g32,
+                                accumulate=False)
+    assert routes == ["grouped"]
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4)
+    summed = add_conv_per_example_(torch.ones_like(got), m32, x32, g32)
+    assert torch.allclose(summed, got + 1, rtol=1e-6, atol=1e-5)
+    # the rule: the measured shapes, not a timing (every process takes the same route)
+    assert wgrad._grouped_is_faster(32, 32, 256) and wgrad._grouped_is_faster(96, 32, 256)
+    assert not (wgrad._grouped_is_faster(64, 64, 64) or wgrad._grouped_is_faster(128, 128, 1024)
+                or wgrad._grouped_is_faster(32, 1, 256))
+    monkeypatch.setattr(wgrad, "_grouped_is_faster", lambda *a: False)
+    other = add_conv_per_example_(torch.full_like(got, float("nan")), m32, x32, g32, accumulate=False)
+    assert routes == ["grouped", "grouped", "im2col"]
+    assert torch.allclose(other, got, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows_per_example", [1, 2])
 def test_linear_kernel_equals_autograd(rows_per_example):
     torch.manual_seed(1)

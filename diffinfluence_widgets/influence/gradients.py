@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..diffusion.model import DiffusionModel, resolve_device
 from ..diffusion.sampling import Trajectory
 from ..measurements import Measurement, band_masks, get_measurement
+from . import buffers
 from .capture import LayerCapture, frozen_eval, layer_shape, tracked_layers
 
 __all__ = ["LayerGradients", "per_example_gradients", "iter_gradients", "tracked_layers", "layer_shapes",
@@ -115,6 +116,24 @@ def _prepare_run(model: DiffusionModel, batch_size: int, max_rows: int, num_draw
     return S, dev, dt
 
 
+def _layer_buffers(B: int, layers: dict, dev: torch.device, dt: torch.dtype, *, zero: bool
+                   ) -> dict[str, torch.Tensor]:
+    """One ``[B, d_out, d_in (+1)]`` tensor per layer, views of one block of recycled memory (:mod:`.buffers`).
+
+    Without ``zero`` the block is uninitialised: each layer's first call writes its buffer (no zero fill, no read of
+    zeros in the GEMM)."""
+    shapes = {name: (B, *layer_shape(m)) for name, m in layers.items()}
+    block = buffers.take(sum(b * o * i for b, o, i in shapes.values()), dtype=dt, device=dev)
+    if zero:
+        block.zero_()
+    out, lo = {}, 0
+    for name, shape in shapes.items():
+        n = shape[0] * shape[1] * shape[2]
+        out[name] = block[lo:lo + n].view(shape)
+        lo += n
+    return out
+
+
 def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequence[int] | torch.Tensor,
                           measurement: str | Measurement = "loss", *, num_draws: int | None = None, seed: int = 0,
                           batch_size: int = 32, max_rows: int = 512, trajectory: Trajectory | None = None,
@@ -140,8 +159,9 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
         ``device="auto"``) and in which float type (default: the model's).
     out:
         A previous result with the same layers, number of images, device and dtype (no bands) whose tensors are
-        overwritten and returned, for consumers that stream batches and are done with the previous one: on CPU,
-        faulting in a fresh ``B × P`` buffer for every batch costs a sizeable part of the pass.
+        overwritten and returned, for consumers that stream batches and are done with the previous one. Without
+        it the result is a fresh block on CPU — the memory of the last dropped batch when it fits
+        (:mod:`.buffers`): faulting in new memory for every ``B × P`` batch costs a sizeable part of the pass.
     """
     meas = get_measurement(measurement)
     model.check_images(images)
@@ -166,12 +186,10 @@ def per_example_gradients(model: DiffusionModel, images: torch.Tensor, ids: Sequ
             traj = trajectory.select(sl).to(dev, dt) if trajectory is not None else None
             draws = meas.draws(model, ids_t[sl], S, seed, trajectory=traj)
             S_eff = draws.num_draws  # a trajectory measurement may use fewer draws than asked (one per step)
-            # without bands each layer's first call writes its buffer (no zero fill, no read of zeros in the GEMM)
-            alloc = torch.empty if band_list is None else torch.zeros
             if out is not None:
                 acc = {name: out.layers[name][sl] for name in layers}
             else:
-                acc = {name: alloc(B, *layer_shape(m), device=dev, dtype=dt) for name, m in layers.items()}
+                acc = _layer_buffers(B, layers, dev, dt, zero=band_list is not None)
             unwritten = set(layers) if band_list is None else set()
             acc_b = None
             if band_list is not None:
