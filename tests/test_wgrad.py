@@ -43,8 +43,8 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
     if channels_last:  # what mkldnn hands the hooks after some layers
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
     ref = _reference(m, x, g, B)
-    for dt in (DT, torch.float32):  # a reused padding workspace holding another call's values: only its border is
-        wgrad._workspace(x.to(dt), "x_pad", 10 ** 5).fill_(float("nan"))  # zeroed, the inside overwritten
+    for dt in (DT, torch.float32):  # a reused padding workspace holding another call's values comes out zero-padded
+        wgrad._workspace(x.to(dt), "x_pad", 10 ** 5).fill_(float("nan"))
     got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False,
                                 workspace_bytes=1)  # one example per workspace chunk
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)

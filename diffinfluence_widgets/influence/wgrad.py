@@ -211,11 +211,7 @@ def _padded_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return x
     H, W = x.shape[2], x.shape[3]
     xp = _workspace(x, "x_pad", x.shape[0], x.shape[1], H + 2 * ph, W + 2 * pw)
-    # only the border is zeroed: the inside is overwritten by the copy
-    xp[:, :, :ph].zero_()
-    xp[:, :, ph + H:].zero_()
-    xp[:, :, ph:ph + H, :pw].zero_()
-    xp[:, :, ph:ph + H, pw + W:].zero_()
+    xp.zero_()  # one contiguous fill: faster than zeroing the border's thin strided slices
     xp[:, :, ph:ph + H, pw:pw + W].copy_(x)
     return xp
 
