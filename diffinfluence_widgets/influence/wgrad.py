@@ -150,8 +150,9 @@ def _grouped_is_faster(c_in: int, c_out: int, R: int) -> bool:
     """Whether oneDNN's grouped weight-gradient convolution (one group per example) beats the im2col GEMM for a CPU
     float32 call with one row per example. A fixed rule, not a timing, so that every process picks the same kernel
     and results repeat bit for bit. Measured per layer at 1 thread (batch 32 and 64): the grouped kernel takes
-    0.55–0.8× the time from 16×16 output positions on with few channels (32→32, 96→32, 64→64 at 32×32), and
-    1.1–8× at 8×8 and below, with 128 channels, or with a single output channel."""
+    0.55–0.8× the time from 16×16 output positions on with few channels (32→32, 64→32 and 96→32 at 16×16, 64→64 at
+    32×32; 64→64 at 16×16 is about even), and 1.1–8× at 8×8 and below, with 128 channels, or with a single output
+    channel."""
     return R >= _GROUPED_MIN_POSITIONS and c_out >= _GROUPED_MIN_OUT and c_in * c_out <= _GROUPED_MAX_CHANNEL_PRODUCT
 
 
