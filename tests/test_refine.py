@@ -98,6 +98,7 @@ def test_pool_refinement_without_exact_store_computes_no_gradient_on_damping_cha
     """Datasets too large for the exact store: exact scores over a pool of FAISS candidates of every decade."""
     import diffinfluence_widgets.influence.gradients as grads
     from diffinfluence_widgets.index import IndexBackend
+    from diffinfluence_widgets.influence import buffers
 
     model, train, held, curv, _ = setup
     b = IndexBackend.build(model, train, held, curv, tmp_path, k=64, k_b=8, k_a=8, num_draws=4,
@@ -106,8 +107,10 @@ def test_pool_refinement_without_exact_store_computes_no_gradient_on_damping_cha
     assert b.exact_store is None
     ref = _reference(model, curv, held, train, b, 1, "loss", "ekfac")
     p = b.prepare(int(held.ids[1]), "loss", "ekfac")
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)  # recycled gradient memory even for the tiny model's batches
     r0 = b.refine(p, DAMPINGS[0], 3)
     assert r0.exact_over == "candidates"
+    assert buffers.free_bytes() == 0  # a serving backend keeps no idle gradient memory after a request
     pool_ids = p.payload.exact_state[0]
     calls = []
     real = grads.per_example_gradients

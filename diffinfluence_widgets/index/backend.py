@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..backend import PreparedQuery, SearchResult
 from ..config import IndexConfig, IndexKind, StoreConfig, StoreSpace, check_damping, split_settings
+from ..influence import buffers
 from ..influence.gradients import layer_shapes, per_example_gradients
 from ..influence.preconditioners import Preconditioner, PreconditionerContext, make_preconditioner
 from ..influence.projected import projected_gradients, whitened_layer_feature
@@ -386,6 +387,8 @@ class IndexBackend:
                 while len(self._grad_cache) >= cap:  # oldest first
                     self._grad_cache.pop(next(iter(self._grad_cache)))
                 local[i] = self._grad_cache[(pre.train_key, i)] = {n: side[n][b] for n in self.layer_names}
+            del g, side
+            buffers.clear()  # a serving process keeps no idle gradient memory between requests
         return pre.exact_scores(p.rotated, lam, [local[i] for i in ids])
 
     def band_profile(self, prepared, damping: float, ids: Sequence[int]) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..backend import SearchResult
+from ..influence import buffers
 from ..influence.gradients import per_example_gradients
 from ..influence.preconditioners.kfac import KFACPreconditioner
 from ..store import StoreMismatchError
@@ -168,4 +169,6 @@ def _candidate_pool(b, prepared, damping: float, k: int):
                                   seed=b.draw_seed, batch_size=b.batch_size, device=b.device)
         rot = b.curvature.rotate({n: g.layers[n].to("cpu", torch.float64) for n in b.layer_names})
         rows.append(torch.cat([rot[n].reshape(len(part), -1) for n in b.layer_names], 1).float())
+        del g, rot
+    buffers.clear()  # a serving process keeps no idle gradient memory between requests
     return ids, torch.cat(rows)

@@ -12,6 +12,7 @@ array owns the memory; a finaliser on the array PyTorch holds gives it back). **
 one given back, and only up to :data:`MAX_FREE_BYTES`: a request it does not fit releases it before allocating, so
 the process never holds more than it would without recycling, plus at most that one idle block between batches.
 A recycled block holds the previous batch's values: callers overwrite every element (``torch.empty``'s contract).
+The explorer's backend calls :func:`clear` after each request's gradients, so a serving process holds no idle block.
 """
 from __future__ import annotations
 
