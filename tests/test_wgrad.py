@@ -31,7 +31,7 @@ def _reference(m: nn.Module, x: torch.Tensor, g: torch.Tensor, B: int) -> torch.
 
 @pytest.mark.parametrize("kernel,padding,stride,dilation", [
     (3, 1, 1, 1), (3, 0, 1, 1), (1, 0, 1, 1), (3, 1, 2, 1), (3, 2, 1, 2), ((3, 1), (1, 0), 1, 1), (1, 1, 1, 1),
-    (2, 0, 2, 1)])
+    (2, 0, 2, 1), ((1, 3), (0, 1), (1, 2), 1), (3, (2, 1), 1, (2, 1))])
 @pytest.mark.parametrize("rows_per_example", [1, 3, 4])  # 4: the per-example convolution route
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per_example, channels_last):
@@ -43,11 +43,16 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
     if channels_last:  # what mkldnn hands the hooks after some layers
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
     ref = _reference(m, x, g, B)
-    for dt in (DT, torch.float32):  # a reused padding workspace holding another call's values comes out zero-padded
-        wgrad._workspace(x.to(dt), "x_pad", 10 ** 5).fill_(float("nan"))
+    for dt in (DT, torch.float32):  # reused padding workspaces holding another call's values come out zero-padded
+        for slot in ("x_pad", "shifted"):
+            wgrad._workspace(x.to(dt), slot, 10 ** 5).fill_(float("nan"))
     got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False,
                                 workspace_bytes=1)  # one example per workspace chunk
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    # a strided out (the weight columns are not whole rows): the bias is summed apart from the GEMM
+    wide = torch.full((B, ref.shape[1], ref.shape[2] + 3), float("nan"), dtype=DT)
+    add_conv_per_example_(wide[..., 1:-2], m, x, g, accumulate=False)
+    assert torch.allclose(wide[..., 1:-2], ref, rtol=1e-12, atol=1e-12) and wide[..., 0].isnan().all()
     got = add_conv_per_example_(torch.ones_like(ref), m, x, g)  # accumulates, several examples per chunk
     assert torch.allclose(got, ref + 1, rtol=1e-12, atol=1e-12)
     # float32 (with ≥ 4 rows per example: one oneDNN weight-gradient convolution per example)
@@ -64,9 +69,9 @@ def test_grouped_route_equals_autograd(kernel, padding, stride, dilation, channe
     """One row per example at ≥ 16×16 output positions in float32 (the demo UNet's 16×16 layers): the batch as the
     groups of one weight-gradient convolution. Equal to autograd, and to the im2col route it replaces."""
     torch.manual_seed(2)
-    m = nn.Conv2d(4, 8, kernel, padding=padding, stride=stride, dilation=dilation).to(DT)
+    m = nn.Conv2d(8, 8, kernel, padding=padding, stride=stride, dilation=dilation).to(DT)
     B = 3
-    x = torch.randn(B, 4, 34, 33, dtype=DT)
+    x = torch.randn(B, 8, 34, 33, dtype=DT)
     g = torch.randn_like(m(x))
     if channels_last:
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
@@ -85,7 +90,8 @@ def test_grouped_route_equals_autograd(kernel, padding, stride, dilation, channe
     # the rule: the measured shapes, not a timing (every process takes the same route)
     assert wgrad._grouped_is_faster(32, 32, 256) and wgrad._grouped_is_faster(96, 32, 256)
     assert not (wgrad._grouped_is_faster(64, 64, 64) or wgrad._grouped_is_faster(128, 128, 1024)
-                or wgrad._grouped_is_faster(32, 1, 256))
+                or wgrad._grouped_is_faster(32, 1, 256) or wgrad._grouped_is_faster(64, 64, 256)
+                or wgrad._grouped_is_faster(1, 32, 256))
     monkeypatch.setattr(wgrad, "_grouped_is_faster", lambda *a: False)
     other = add_conv_per_example_(torch.full_like(got, float("nan")), m32, x32, g32, accumulate=False)
     assert routes == ["grouped", "grouped", "im2col"]
@@ -93,16 +99,22 @@ def test_grouped_route_equals_autograd(kernel, padding, stride, dilation, channe
 
 
 @pytest.mark.parametrize("rows_per_example", [1, 2])
-def test_linear_kernel_equals_autograd(rows_per_example):
+@pytest.mark.parametrize("R", [5, 1])  # 1: the time embedding's layers (the bias as a ones column of the input)
+def test_linear_kernel_equals_autograd(rows_per_example, R):
     torch.manual_seed(1)
     m = nn.Linear(6, 4).to(DT)
-    B, R = 3, 5
+    B = 3
     x = torch.randn(B * rows_per_example, R, 6, dtype=DT)  # R tokens share the weight
     g = torch.randn(B * rows_per_example, R, 4, dtype=DT)
     ref = _reference(m, x, g, B)
     a_cols, b_cols = x.transpose(1, 2), g.transpose(1, 2)
     got = add_linear_per_example_(torch.full_like(ref, float("nan")), a_cols, b_cols, True, accumulate=False)
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    got = add_linear_per_example_(torch.ones_like(ref), a_cols, b_cols, True)
+    assert torch.allclose(got, ref + 1, rtol=1e-12, atol=1e-12)
+    wide = torch.full((B, ref.shape[1], ref.shape[2] + 1), float("nan"), dtype=DT)  # a strided out
+    add_linear_per_example_(wide[..., 1:], a_cols, b_cols, True, accumulate=False)
+    assert torch.allclose(wide[..., 1:], ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="rows"):
         add_linear_per_example_(torch.zeros(B + 1, *ref.shape[1:], dtype=DT), a_cols, b_cols, True)
 

@@ -2,16 +2,20 @@
 
 An example's weight gradient is ``Σ_rows Σ_r b_r a_rᵀ`` over its ``k`` consecutive (example-major) rows and the
 layer's R weight-sharing positions. Both kernels here form it as one GEMM per example, batched over examples,
-written straight into the caller's ``[B, d_out, d_in (+1)]`` buffer (``baddbmm_`` on the weight columns: no
+written straight into the caller's ``[B, d_out, d_in (+1)]`` buffer (``baddbmm_`` on the weight columns, or on whole rows with the bias: no
 temporary of the batch's gradients, no second pass to add it; with ``accumulate=False`` the buffer is overwritten,
 so it may come from ``torch.empty``):
 
 * a 1×1 convolution (stride 1, no padding) and a Linear layer contract the input as it is stored
-  (``[rows, d_in, R]``: no copy for one row per example);
+  (``[rows, d_in, R]``: no copy for one row per example; a Linear layer's input gets a ones column for its bias
+  where it is copied anyway, with several rows per example, or is one position per row);
 * any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
   workspace of ``workspace_bytes``, in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
   unfolded input never exists for the whole batch (``F.unfold`` of a batch is ``kh·kw`` times its input and, on
-  CPU, slower than the GEMM it feeds); with many rows per example (draws), PyTorch's own weight-gradient
+  CPU, slower than the GEMM it feeds). The workspace carries a row of ones under the patches, so the GEMM writes
+  whole rows of a contiguous ``out``, bias column included: one batched BLAS call per chunk, where the weight
+  columns alone (a strided result) cost one GEMM call per example. Narrow outputs (≤ 8 columns) unfold in two
+  steps (:func:`_unfold_two_step_`). With many rows per example (draws), PyTorch's own weight-gradient
   convolution over each example's rows is faster, and with one row per example at ≥ 16×16 positions and few
   channels, one grouped weight-gradient convolution over the whole batch (examples as groups).
 
@@ -89,8 +93,16 @@ def add_linear_per_example_(out: torch.Tensor, a_cols: torch.Tensor, b_cols: tor
     """``out[n] += Σ b aᵀ`` over example n's rows: ``a_cols [B·k, d_in, R]``, ``b_cols [B·k, d_out, R]``
     (``=`` instead of ``+=`` with ``accumulate=False``)."""
     B = out.shape[0]
-    k = _rows_per_example(a_cols.shape[0], B)
-    d_in = a_cols.shape[1]
+    rows, d_in, R = a_cols.shape
+    k = _rows_per_example(rows, B)
+    if has_bias and out.is_contiguous() and (k > 1 or R == 1):
+        # the bias as a ones column of the input, so that one batched GEMM writes all of out; worth its copy of the
+        # input where the input is copied anyway (several rows per example) or tiny (one position: the time embedding)
+        a1 = _workspace(a_cols, "a", B, k * R, d_in + 1)
+        a1[..., d_in].fill_(1)
+        a1[..., :d_in].view(rows, R, d_in).copy_(a_cols.transpose(1, 2))
+        _gemm_(out, _fold_rows(b_cols, B, k, "b"), a1, accumulate)
+        return out
     _gemm_(out[..., :d_in], _fold_rows(b_cols, B, k, "b"), _fold_rows(a_cols, B, k, "a").transpose(1, 2),
            accumulate)
     if has_bias:
@@ -111,19 +123,21 @@ def add_conv_per_example_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
     R = h_o * w_o
     d_in = c_in * kh * kw
     weight = out[..., :d_in]
+    on_cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
+    one_by_one = (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0)
+    if not one_by_one and not (k >= _PER_EXAMPLE_CONV_MIN_ROWS and on_cpu32) and not (
+            k == 1 and on_cpu32 and _grouped_is_faster(c_in, c_out, R)):
+        _add_strided_conv_(out, m, x, g, B, k, accumulate, workspace_bytes)  # the bias rides in its GEMM
+        return out
     if m.bias is not None:
         _bias_(out, d_in, g.reshape(B, k, c_out, R).sum(dim=(1, 3)), accumulate)
-    if (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0):
+    if one_by_one:
         _gemm_(weight, _fold_rows(g.reshape(rows, c_out, R), B, k, "b"),
                _fold_rows(x.reshape(rows, c_in, R), B, k, "a").transpose(1, 2), accumulate)
-        return out
-    on_cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
-    if k >= _PER_EXAMPLE_CONV_MIN_ROWS and on_cpu32:
+    elif k >= _PER_EXAMPLE_CONV_MIN_ROWS:
         _add_conv_per_example_loop_(weight, m, x, g, B, k, accumulate)
-    elif k == 1 and on_cpu32 and _grouped_is_faster(c_in, c_out, R):
-        _add_grouped_conv_(weight, m, x, g, B, accumulate)
     else:
-        _add_strided_conv_(weight, m, x, g, B, k, accumulate, workspace_bytes)
+        _add_grouped_conv_(weight, m, x, g, B, accumulate)
     return out
 
 
@@ -149,15 +163,17 @@ def _add_conv_per_example_loop_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Ten
 def _grouped_is_faster(c_in: int, c_out: int, R: int) -> bool:
     """Whether oneDNN's grouped weight-gradient convolution (one group per example) beats the im2col GEMM for a CPU
     float32 call with one row per example. A fixed rule, not a timing, so that every process picks the same kernel
-    and results repeat bit for bit. Measured per layer at 1 thread (batch 32 and 64): the grouped kernel takes
-    0.55–0.8× the time from 16×16 output positions on with few channels (32→32, 64→32 and 96→32 at 16×16, 64→64 at
-    32×32; 64→64 at 16×16 is about even), and 1.1–8× at 8×8 and below, with 128 channels, or with a single output
-    channel."""
-    return R >= _GROUPED_MIN_POSITIONS and c_out >= _GROUPED_MIN_OUT and c_in * c_out <= _GROUPED_MAX_CHANNEL_PRODUCT
+    and results repeat bit for bit. Measured per layer at 1 thread (batch 64, against the im2col route with its
+    batched GEMM): the grouped kernel takes 0.5–0.95× the time from 16×16 output positions on with few channels
+    (16→16, 32→32, 64→32 and 96→32 at 16×16; 32→32 and 64→32 at 32×32; 64→64 at 32×32 and 128→64 at 16×16 are
+    about even), and 1.4–2.4× for 64→64 at 16×16 or with 1–3 input channels; at 8×8 and below, with 128 channels
+    or with a single output channel it was 1.1–8× in earlier measurements."""
+    return (R >= _GROUPED_MIN_POSITIONS and c_out >= _GROUPED_MIN_CHANNELS and c_in >= _GROUPED_MIN_CHANNELS
+            and c_in * c_out < _GROUPED_MAX_CHANNEL_PRODUCT)
 
 
 _GROUPED_MIN_POSITIONS = 256
-_GROUPED_MIN_OUT = 8
+_GROUPED_MIN_CHANNELS = 8
 _GROUPED_MAX_CHANNEL_PRODUCT = 64 * 64
 
 
@@ -177,29 +193,78 @@ def _add_grouped_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
         weight.copy_(w)
 
 
-def _add_strided_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
+def _add_strided_conv_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
                        accumulate: bool, workspace_bytes: int) -> None:
-    """Any convolution: im2col of a few examples at a time from a strided view of the padded input."""
+    """Any convolution: im2col of a few examples at a time from a strided view of the padded input.
+
+    When ``out`` is contiguous the GEMM writes its whole rows, the bias column included (the unfolded input gets a
+    row of ones): a contiguous result is one batched BLAS call per chunk, where a strided one (the weight columns
+    alone) is one GEMM call per example."""
     rows, c_in = x.shape[:2]
     c_out, h_o, w_o = g.shape[1:]
     kh, kw = m.kernel_size
     R = h_o * w_o
     d_in = c_in * kh * kw
-    (sh, sw), (dh, dw) = m.stride, m.dilation
-    xp = _padded_input(m, x)  # zero-padded copy in a reused buffer (F.pad would allocate a fresh one every call)
-    sN, sC, sH, sW = xp.stride()
+    whole = out.is_contiguous()
+    ones = m.bias is not None and whole
+    if m.bias is not None and not whole:
+        _bias_(out, d_in, g.reshape(B, k, c_out, R).sum(dim=(1, 3)), accumulate)
+    dst = out if whole else out[..., :d_in]
     g_cols = _fold_rows(g.reshape(rows, c_out, R), B, k, "b")  # [B, C_out, k·R]
-    chunk = _chunk(B, k * d_in * R * x.element_size(), workspace_bytes)
-    ws = _workspace(x, "cols", chunk, d_in, k * R)
+    d_ws = d_in + 1 if ones else d_in
+    chunk = _chunk(B, k * d_ws * R * x.element_size(), workspace_bytes)
+    ws = _workspace(x, "cols", chunk, d_ws, k * R)
+    if ones:
+        ws[:, d_in].fill_(1)
+    two_step = w_o <= _TWO_STEP_MAX_WIDTH and m.stride[0] == 1 and kw > 1
+    xp = None if two_step else _padded_input(m, x)  # zero-padded copy in a reused buffer (not F.pad's fresh one)
     for n0 in range(0, B, chunk):
         n = min(B, n0 + chunk) - n0
-        # patches of examples n0..n0+n: [n, k, C_in, kh, kw, H_o, W_o] as a view of the padded input
-        patches = xp.as_strided((n, k, c_in, kh, kw, h_o, w_o),
-                                (k * sN, sN, sC, sH * dh, sW * dw, sH * sh, sW * sw),
-                                xp.storage_offset() + n0 * k * sN)
-        w = ws[:n]
-        w.view(n, c_in, kh, kw, k, h_o, w_o).copy_(patches.permute(0, 2, 3, 4, 1, 5, 6))
-        _gemm_(weight[n0:n0 + n], g_cols[n0:n0 + n], w.transpose(1, 2), accumulate)
+        cols = ws[:n, :d_in].unflatten(1, (c_in, kh, kw)).unflatten(-1, (k, h_o, w_o))
+        if two_step:
+            _unfold_two_step_(cols, m, x, n0, n, k)
+        else:
+            # patches of examples n0..n0+n: [n, k, C_in, kh, kw, H_o, W_o] as a view of the padded input
+            sN, sC, sH, sW = xp.stride()
+            (sh, sw), (dh, dw) = m.stride, m.dilation
+            patches = xp.as_strided((n, k, c_in, kh, kw, h_o, w_o),
+                                    (k * sN, sN, sC, sH * dh, sW * dw, sH * sh, sW * sw),
+                                    xp.storage_offset() + n0 * k * sN)
+            cols.copy_(patches.permute(0, 2, 3, 4, 1, 5, 6))
+        _gemm_(dst[n0:n0 + n], g_cols[n0:n0 + n], ws[:n].transpose(1, 2), accumulate)
+
+
+def _unfold_two_step_(cols: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, n0: int, n: int, k: int) -> None:
+    """im2col of examples ``n0 .. n0+n`` into ``cols [n, C_in, kh, kw, k, H_o, W_o]`` for a narrow output with unit
+    vertical stride.
+
+    Copied straight from the padded input, each output row is a run of only ``W_o`` elements. Instead: first the
+    ``kw`` column shifts of the zero-padded input, ``shifted[..., j, y, w] = x_pad[..., y, w·s + j·d]`` (``kw·H_pad``
+    short rows per channel, fewer than ``kh·kw·H_o``; written from ``x`` itself, the padding as zeros), then every
+    ``(channel, i, j)`` patch is ``H_o·W_o`` consecutive elements of ``shifted``, starting at row ``i·d``."""
+    c_in, H, W = x.shape[1:]
+    kh, kw = m.kernel_size
+    (ph, pw), sw, (dh, dw) = m.padding, m.stride[1], m.dilation
+    h_o, w_o = cols.shape[-2:]
+    hp = H + 2 * ph
+    shifted = _workspace(x, "shifted", n, k, c_in, kw, hp, w_o)
+    if ph or pw:
+        shifted.zero_()  # one contiguous fill: the padding's rows and columns stay zero
+    src = x[n0 * k:(n0 + n) * k].unflatten(0, (n, k))
+    for j in range(kw):
+        off = j * dw - pw  # input column of output column w: w·sw + off
+        w_lo = max(0, -(off // sw))  # first w with w·sw + off >= 0
+        w_hi = min(w_o, (W - 1 - off) // sw + 1)  # last w with w·sw + off <= W - 1, plus one
+        if w_hi > w_lo:
+            c0 = w_lo * sw + off
+            shifted[:, :, :, j, ph:ph + H, w_lo:w_hi].copy_(src[..., c0:c0 + (w_hi - w_lo - 1) * sw + 1:sw])
+    t = shifted.stride()
+    cols.copy_(shifted.as_strided((n, c_in, kh, kw, k, h_o, w_o), (t[0], t[2], dh * w_o, t[3], t[1], w_o, 1)))
+
+
+#: output widths up to which :func:`_add_strided_conv_` unfolds in two steps (:func:`_unfold_two_step_`) (at 8×8 outputs ~20 % faster than one
+#: strided copy, at 16×16 ~40 % slower; measured at 1 thread, 32–128 channels)
+_TWO_STEP_MAX_WIDTH = 8
 
 
 def _chunk(B: int, bytes_per_example: int, workspace_bytes: int) -> int:
