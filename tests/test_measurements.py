@@ -492,3 +492,30 @@ def test_stratified_draws_have_uniform_marginal_so_T_times_term_is_unbiased():
     d = draw_noise(range(n), S, (1, 1, 1), T, seed=0)
     freq = torch.bincount(d.timesteps.flatten(), minlength=T).double() / (n * S)
     assert torch.allclose(freq, torch.full((T,), 1 / T, dtype=torch.float64), atol=0.01)
+
+
+def test_draws_follow_each_ids_own_generator_in_any_batch():
+    """An id's draws are its own generator's numbers in a fixed order (stratum offsets, stratum order, then ε),
+    whatever the batch around it: the batched arithmetic equals the one-example formula exactly."""
+    from diffinfluence_widgets.diffusion.draws import draw_noise, example_generator
+    T, S, shape = 1000, 6, (2, 3, 3)
+    ids = [41, 7, 7, 123456]
+    d = draw_noise(ids, S, shape, T, seed=5, dtype=torch.float64)
+    for row, i in enumerate(ids):
+        g = example_generator(5, i)
+        u = torch.rand(S, generator=g, dtype=torch.float64)
+        t = ((torch.arange(S, dtype=torch.float64) + u) * T / S).floor().long()[torch.randperm(S, generator=g)]
+        eps = torch.randn((S, *shape), generator=g)
+        assert torch.equal(d.timesteps[row], t) and torch.equal(d.noise[row], eps.double())
+        assert sorted((t * S // T).tolist()) == list(range(S))  # one timestep per stratum
+        alone = draw_noise([i], S, shape, T, seed=5)
+        assert torch.equal(alone.timesteps[0], t) and torch.equal(alone.noise[0], eps)
+    iid = draw_noise(ids[:1], S, shape, T, seed=5, stratified=False)
+    g = example_generator(5, ids[0])
+    assert torch.equal(iid.timesteps[0], torch.randint(0, T, (S,), generator=g))
+    assert torch.equal(iid.noise[0], torch.randn((S, *shape), generator=g))
+    fixed = draw_noise(ids, S, shape, T, seed=5, timestep=17)
+    assert (fixed.timesteps == 17).all()
+    assert torch.equal(fixed.noise[1], torch.randn((S, *shape), generator=example_generator(5, ids[1])))
+    empty = draw_noise([], S, shape, T)
+    assert empty.timesteps.shape == (0, S) and empty.noise.shape == (0, S, *shape)

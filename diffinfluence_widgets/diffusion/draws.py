@@ -79,19 +79,23 @@ def draw_noise(example_ids: Sequence[int] | torch.Tensor, num_draws: int, image_
         raise ValueError(f"timestep={timestep!r} is outside the schedule's range 0..{T - 1}")
     ids = [int(i) for i in (example_ids.tolist() if isinstance(example_ids, torch.Tensor) else example_ids)]
     S = int(num_draws)
-    ts, eps = [], []
-    for i in ids:
+    noise = torch.empty(len(ids), S, *image_shape, dtype=torch.float32)
+    offsets, orders, ts = [], [], []  # the per-example random numbers; the arithmetic on them is batched below
+    for n, i in enumerate(ids):
         g = example_generator(seed, i)
-        if timestep is not None:
-            t = torch.full((S,), int(timestep), dtype=torch.long)
-        elif stratified:
-            u = torch.rand(S, generator=g, dtype=torch.float64)
-            t = ((torch.arange(S, dtype=torch.float64) + u) * T / S).floor().long().clamp_(0, T - 1)
-            t = t[torch.randperm(S, generator=g)]  # strata in random order, so any prefix of draws is unbiased
-        else:
-            t = torch.randint(0, T, (S,), generator=g)
-        ts.append(t)
-        eps.append(torch.randn((S, *image_shape), generator=g, dtype=torch.float32).to(dtype))
-    if not ids:
-        return NoiseDraws(torch.zeros(0, S, dtype=torch.long), torch.zeros(0, S, *image_shape, dtype=dtype))
-    return NoiseDraws(torch.stack(ts), torch.stack(eps))
+        if timestep is None and stratified:
+            offsets.append(torch.rand(S, generator=g, dtype=torch.float64))
+            orders.append(torch.randperm(S, generator=g))
+        elif timestep is None:
+            ts.append(torch.randint(0, T, (S,), generator=g))
+        torch.randn((S, *image_shape), generator=g, out=noise[n])
+    if timestep is not None:
+        t = torch.full((len(ids), S), int(timestep), dtype=torch.long)
+    elif not ids:
+        t = torch.zeros(0, S, dtype=torch.long)
+    elif stratified:
+        t = ((torch.arange(S, dtype=torch.float64) + torch.stack(offsets)) * T / S).floor().long().clamp_(0, T - 1)
+        t = t.gather(1, torch.stack(orders))  # strata in random order, so any prefix of draws is unbiased
+    else:
+        t = torch.stack(ts)
+    return NoiseDraws(t, noise.to(dtype))
