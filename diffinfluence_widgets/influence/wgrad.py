@@ -2,9 +2,9 @@
 
 An example's weight gradient is ``Σ_rows Σ_r b_r a_rᵀ`` over its ``k`` consecutive (example-major) rows and the
 layer's R weight-sharing positions. Both kernels here form it as one GEMM per example, batched over examples,
-written straight into the caller's ``[B, d_out, d_in (+1)]`` buffer (``baddbmm_`` on the weight columns, or on whole rows with the bias: no
-temporary of the batch's gradients, no second pass to add it; with ``accumulate=False`` the buffer is overwritten,
-so it may come from ``torch.empty``):
+written straight into the caller's ``[B, d_out, d_in (+1)]`` buffer (``baddbmm_`` on the weight columns, or on
+whole rows with the bias: no temporary of the batch's gradients, no second pass to add it; with
+``accumulate=False`` the buffer is overwritten, so it may come from ``torch.empty``):
 
 * a 1×1 convolution (stride 1, no padding) and a Linear layer contract the input as it is stored
   (``[rows, d_in, R]``: no copy for one row per example; a Linear layer's input gets a ones column for its bias
@@ -164,10 +164,10 @@ def _grouped_is_faster(c_in: int, c_out: int, R: int) -> bool:
     """Whether oneDNN's grouped weight-gradient convolution (one group per example) beats the im2col GEMM for a CPU
     float32 call with one row per example. A fixed rule, not a timing, so that every process picks the same kernel
     and results repeat bit for bit. Measured per layer at 1 thread (batch 64, against the im2col route with its
-    batched GEMM): the grouped kernel takes 0.5–0.95× the time from 16×16 output positions on with few channels
-    (16→16, 32→32, 64→32 and 96→32 at 16×16; 32→32 and 64→32 at 32×32; 64→64 at 32×32 and 128→64 at 16×16 are
-    about even), and 1.4–2.4× for 64→64 at 16×16 or with 1–3 input channels; at 8×8 and below, with 128 channels
-    or with a single output channel it was 1.1–8× in earlier measurements."""
+    batched GEMM): the grouped kernel takes 0.5–0.95× the time from 16×16 output positions on with few
+    channels (16→16, 32→32, 64→32 and 96→32 at 16×16; 32→32 and 64→32 at 32×32; 64→64 at 32×32 and 128→64 at
+    16×16 are about even), and 1.4–2.4× for 64→64 at 16×16 or with 1–3 input channels; at 8×8 and below, with
+    128 channels or with a single output channel it was 1.1–8× in earlier measurements."""
     return (R >= _GROUPED_MIN_POSITIONS and c_out >= _GROUPED_MIN_CHANNELS and c_in >= _GROUPED_MIN_CHANNELS
             and c_in * c_out < _GROUPED_MAX_CHANNEL_PRODUCT)
 
@@ -262,8 +262,8 @@ def _unfold_two_step_(cols: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, n0: int
     cols.copy_(shifted.as_strided((n, c_in, kh, kw, k, h_o, w_o), (t[0], t[2], dh * w_o, t[3], t[1], w_o, 1)))
 
 
-#: output widths up to which :func:`_add_strided_conv_` unfolds in two steps (:func:`_unfold_two_step_`) (at 8×8 outputs ~20 % faster than one
-#: strided copy, at 16×16 ~40 % slower; measured at 1 thread, 32–128 channels)
+#: output widths up to which :func:`_add_strided_conv_` unfolds in two steps (:func:`_unfold_two_step_`): at 8×8
+#: outputs ~15–20 % faster than one strided copy, at 16×16 ~40 % slower (1 thread, 32–128 channels)
 _TWO_STEP_MAX_WIDTH = 8
 
 
