@@ -122,22 +122,29 @@ def add_conv_per_example_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
     kh, kw = m.kernel_size
     R = h_o * w_o
     d_in = c_in * kh * kw
-    weight = out[..., :d_in]
     on_cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
-    one_by_one = (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0)
-    if not one_by_one and not (k >= _PER_EXAMPLE_CONV_MIN_ROWS and on_cpu32) and not (
-            k == 1 and on_cpu32 and _grouped_is_faster(c_in, c_out, R)):
-        _add_strided_conv_(out, m, x, g, B, k, accumulate, workspace_bytes)  # the bias rides in its GEMM
-        return out
-    if m.bias is not None:
+    if (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0):
+        route = "1x1"
+    elif on_cpu32 and k >= _PER_EXAMPLE_CONV_MIN_ROWS:
+        route = "per-example"
+    elif on_cpu32 and k == 1 and _grouped_is_faster(c_in, c_out, R):
+        route = "grouped"
+    else:
+        route = "im2col"
+    # im2col into a contiguous out: the bias rides in the GEMM as a row of ones under the patches
+    ones = route == "im2col" and m.bias is not None and out.is_contiguous()
+    if m.bias is not None and not ones:
         _bias_(out, d_in, g.reshape(B, k, c_out, R).sum(dim=(1, 3)), accumulate)
-    if one_by_one:
+    weight = out[..., :d_in]
+    if route == "1x1":
         _gemm_(weight, _fold_rows(g.reshape(rows, c_out, R), B, k, "b"),
                _fold_rows(x.reshape(rows, c_in, R), B, k, "a").transpose(1, 2), accumulate)
-    elif k >= _PER_EXAMPLE_CONV_MIN_ROWS:
+    elif route == "per-example":
         _add_conv_per_example_loop_(weight, m, x, g, B, k, accumulate)
-    else:
+    elif route == "grouped":
         _add_grouped_conv_(weight, m, x, g, B, accumulate)
+    else:
+        _add_strided_conv_(out if ones else weight, m, x, g, B, k, accumulate, workspace_bytes, ones)
     return out
 
 
@@ -193,31 +200,30 @@ def _add_grouped_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: t
         weight.copy_(w)
 
 
-def _add_strided_conv_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
-                       accumulate: bool, workspace_bytes: int) -> None:
-    """Any convolution: im2col of a few examples at a time from a strided view of the padded input.
+def _add_strided_conv_(dst: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, B: int, k: int,
+                       accumulate: bool, workspace_bytes: int, ones: bool) -> None:
+    """Any convolution: im2col of a few examples at a time from a strided view of the padded input, one GEMM per
+    chunk into ``dst`` (the weight columns ``[B, C_out, d_in]``).
 
-    When ``out`` is contiguous the GEMM writes its whole rows, the bias column included (the unfolded input gets a
-    row of ones): a contiguous result is one batched BLAS call per chunk, where a strided one (the weight columns
-    alone) is one GEMM call per example."""
+    With ``ones`` the unfolded input gets a row of ones and ``dst`` is the whole contiguous ``[B, C_out, d_in + 1]``
+    buffer: the GEMM writes whole rows, bias column included, which is one batched BLAS call per chunk, where a
+    strided result (the weight columns alone) is one GEMM call per example."""
     rows, c_in = x.shape[:2]
     c_out, h_o, w_o = g.shape[1:]
     kh, kw = m.kernel_size
+    (sh, sw), (dh, dw) = m.stride, m.dilation
     R = h_o * w_o
     d_in = c_in * kh * kw
-    whole = out.is_contiguous()
-    ones = m.bias is not None and whole
-    if m.bias is not None and not whole:
-        _bias_(out, d_in, g.reshape(B, k, c_out, R).sum(dim=(1, 3)), accumulate)
-    dst = out if whole else out[..., :d_in]
     g_cols = _fold_rows(g.reshape(rows, c_out, R), B, k, "b")  # [B, C_out, k·R]
     d_ws = d_in + 1 if ones else d_in
     chunk = _chunk(B, k * d_ws * R * x.element_size(), workspace_bytes)
     ws = _workspace(x, "cols", chunk, d_ws, k * R)
     if ones:
         ws[:, d_in].fill_(1)
-    two_step = w_o <= _TWO_STEP_MAX_WIDTH and m.stride[0] == 1 and kw > 1
-    xp = None if two_step else _padded_input(m, x)  # zero-padded copy in a reused buffer (not F.pad's fresh one)
+    two_step = w_o <= _TWO_STEP_MAX_WIDTH and sh == 1 and kw > 1
+    if not two_step:
+        xp = _padded_input(m, x)  # zero-padded copy in a reused buffer (F.pad would allocate a fresh one every call)
+        sN, sC, sH, sW = xp.stride()
     for n0 in range(0, B, chunk):
         n = min(B, n0 + chunk) - n0
         cols = ws[:n, :d_in].unflatten(1, (c_in, kh, kw)).unflatten(-1, (k, h_o, w_o))
@@ -225,8 +231,6 @@ def _add_strided_conv_(out: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g: torc
             _unfold_two_step_(cols, m, x, n0, n, k)
         else:
             # patches of examples n0..n0+n: [n, k, C_in, kh, kw, H_o, W_o] as a view of the padded input
-            sN, sC, sH, sW = xp.stride()
-            (sh, sw), (dh, dw) = m.stride, m.dilation
             patches = xp.as_strided((n, k, c_in, kh, kw, h_o, w_o),
                                     (k * sN, sN, sC, sH * dh, sW * dw, sH * sh, sW * sw),
                                     xp.storage_offset() + n0 * k * sN)
