@@ -34,21 +34,26 @@ def _reference(m: nn.Module, x: torch.Tensor, g: torch.Tensor, B: int) -> torch.
     (2, 0, 2, 1), ((1, 3), (0, 1), (1, 2), 1), (3, (2, 1), 1, (2, 1))])
 @pytest.mark.parametrize("rows_per_example", [1, 3, 4])  # 4: the per-example convolution route
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per_example, channels_last):
+@pytest.mark.parametrize("c_out", [5, 2])  # 2: the scattered output-gradient route (an output layer)
+def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per_example, channels_last, c_out):
     torch.manual_seed(0)
-    m = nn.Conv2d(3, 5, kernel, padding=padding, stride=stride, dilation=dilation, bias=stride == 1).to(DT)
+    m = nn.Conv2d(3, c_out, kernel, padding=padding, stride=stride, dilation=dilation, bias=stride == 1).to(DT)
     B = 4
     x = torch.randn(B * rows_per_example, 3, 7, 6, dtype=DT)
     g = torch.randn_like(m(x))
     if channels_last:  # what mkldnn hands the hooks after some layers
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
     ref = _reference(m, x, g, B)
-    for dt in (DT, torch.float32):  # reused padding workspaces holding another call's values come out zero-padded
-        for slot in ("x_pad", "shifted"):
+    for dt in (DT, torch.float32):  # reused workspaces holding another call's values
+        for slot in ("cols", "scatter", "a", "b"):
             wgrad._workspace(x.to(dt), slot, 10 ** 5).fill_(float("nan"))
     got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False,
                                 workspace_bytes=1)  # one example per workspace chunk
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    # the padded copies' buffers are kept with their zero padding: a second call with other values is still exact
+    x2, g2 = torch.randn_like(x) * 3, torch.randn_like(g)
+    got2 = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x2, g2, accumulate=False, workspace_bytes=1)
+    assert torch.allclose(got2, _reference(m, x2, g2, B), rtol=1e-12, atol=1e-12)
     # a strided out (the weight columns are not whole rows): the bias is summed apart from the GEMM
     wide = torch.full((B, ref.shape[1], ref.shape[2] + 3), float("nan"), dtype=DT)
     add_conv_per_example_(wide[..., 1:-2], m, x, g, accumulate=False)
@@ -96,6 +101,29 @@ def test_grouped_route_equals_autograd(kernel, padding, stride, dilation, channe
     other = add_conv_per_example_(torch.full_like(got, float("nan")), m32, x32, g32, accumulate=False)
     assert routes == ["grouped", "grouped", "im2col"]
     assert torch.allclose(other, got, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("c_out,route", [(1, "scatter"), (4, "scatter"), (5, "im2col")])
+def test_few_output_channels_scatter_the_output_gradient(c_out, route, monkeypatch):
+    """An output layer (1–4 channels, here at the demo's 16×16 with one row per example) unfolds its output gradient,
+    not its input: equal to autograd and to the im2col route it replaces, whatever the workspace's chunking."""
+    torch.manual_seed(3)
+    m = nn.Conv2d(8, c_out, 3, padding=1).to(DT)
+    B = 3
+    x = torch.randn(B, 8, 16, 16, dtype=DT)
+    g = torch.randn_like(m(x))
+    ref = _reference(m, x, g, B)
+    routes = []
+    scattered, strided = wgrad._add_scattered_conv_, wgrad._add_strided_conv_
+    monkeypatch.setattr(wgrad, "_add_scattered_conv_", lambda *a: (routes.append("scatter"), scattered(*a)))
+    monkeypatch.setattr(wgrad, "_add_strided_conv_", lambda *a: (routes.append("im2col"), strided(*a)))
+    for ws in (1, wgrad.DEFAULT_WORKSPACE_BYTES):
+        got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False, workspace_bytes=ws)
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert routes == [route, route]
+    monkeypatch.setattr(wgrad, "_SCATTER_MAX_OUT_CHANNELS", 0)
+    other = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False)
+    assert routes[-1] == "im2col" and torch.allclose(other, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rows_per_example", [1, 2])
