@@ -10,8 +10,9 @@ two quantities per tracked layer and per network row:
 
 A row's weight gradient is ``Σ_r b_r a_rᵀ``. Hooks on the modules (not ``torch.func``) keep diffusers' fused
 attention usable (method trap 5). Parameters are frozen during a capture: the backward pass then skips the weight
-gradient GEMMs entirely, and inputs that do not depend on any tracked parameter (the timestep embedding's input)
-are given ``requires_grad`` so their layer's ``b`` is still produced.
+gradient GEMMs entirely, and a layer whose input does not depend on any tracked parameter (the first convolution,
+the timestep embedding's first layer) has its output made a leaf that requires grad, so that its ``b`` is still
+produced (and no gradient w.r.t. its input).
 """
 from __future__ import annotations
 
@@ -196,22 +197,21 @@ class LayerCapture:
     def clear(self) -> None:
         self.records = {name: [] for name in self.layers}
 
-    def _pre_hook(self, module, inputs):
-        x = inputs[0]
-        if torch.is_grad_enabled() and not x.requires_grad:
-            # The input does not depend on any tracked parameter (e.g. the sinusoidal timestep embedding):
-            # make it a leaf that requires grad so the output gradient of this layer is still computed.
-            return (x.detach().requires_grad_(True), *inputs[1:])
-        return None
-
     def _make_forward_hook(self, name: str):
         def hook(module, inputs, output):
             rec = CallRecord(module, inputs[0].detach())
             self.records[name].append(rec)
+            replaced = None
+            if torch.is_grad_enabled() and not output.requires_grad:
+                # The input does not depend on any tracked parameter (the first convolution's noisy image, the
+                # sinusoidal timestep embedding): the output becomes a leaf that requires grad, so that this layer's
+                # output gradient is still computed, and no gradient w.r.t. its input is.
+                output = replaced = output.detach().requires_grad_(True)
             if output.requires_grad:
                 def grad_hook(g, rec=rec):
                     rec.g = g.detach()
                 output.register_hook(grad_hook)
+            return replaced
         return hook
 
     def __enter__(self) -> "LayerCapture":
@@ -225,7 +225,6 @@ class LayerCapture:
                 self._frozen.append((p, p.requires_grad))
                 p.requires_grad_(False)
         for name, m in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._make_forward_hook(name)))
         return self
 

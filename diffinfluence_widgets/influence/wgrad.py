@@ -9,8 +9,11 @@ whole rows with the bias: no temporary of the batch's gradients, no second pass 
 * a 1×1 convolution (stride 1, no padding) and a Linear layer contract the input as it is stored
   (``[rows, d_in, R]``: no copy for one row per example; a Linear layer's input gets a ones column for its bias
   where it is copied anyway, with several rows per example, or is one position per row);
+* a convolution with at most 4 output channels (an output layer to image or latent channels) unfolds its output
+  gradient instead, scattered onto the input grid once per kernel tap (:func:`_add_scattered_conv_`): ``C_out``
+  planes per tap in place of ``C_in``;
 * any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
-  workspace of ``workspace_bytes``, in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
+  workspace of ``workspace_bytes`` (on CPU about one core's L2 cache), in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
   unfolded input never exists for the whole batch (``F.unfold`` of a batch is ``kh·kw`` times its input and, on
   CPU, slower than the GEMM it feeds). The workspace carries a row of ones under the patches, so the GEMM writes
   whole rows of a contiguous ``out``, bias column included: one batched BLAS call per chunk, where the weight
@@ -19,8 +22,9 @@ whole rows with the bias: no temporary of the batch's gradients, no second pass 
   convolution over each example's rows is faster, and with one row per example at ≥ 16×16 positions and few
   channels, one grouped weight-gradient convolution over the whole batch (examples as groups).
 
-Workspaces (the unfolded input, the padded input and output gradient) are kept per thread and reused across
-calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling it.
+Workspaces (the unfolded input, the padded input, the scattered output gradient) are kept per thread and reused
+across calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling
+it. Padded copies are kept per layer geometry, so their padding, zeroed once, stays zero (no fill per call).
 
 The bias gradient (the last column, bias folded into the input) is one reduction of ``g`` per call.
 """
