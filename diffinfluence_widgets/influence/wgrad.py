@@ -13,9 +13,9 @@ whole rows with the bias: no temporary of the batch's gradients, no second pass 
   gradient instead, scattered onto the input grid once per kernel tap (:func:`_add_scattered_conv_`): ``C_out``
   planes per tap in place of ``C_in``;
 * any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
-  workspace of ``workspace_bytes`` (on CPU about one core's L2 cache), in the ``[d_in, k·R]`` layout the strided input view copies fastest into, so the
-  unfolded input never exists for the whole batch (``F.unfold`` of a batch is ``kh·kw`` times its input and, on
-  CPU, slower than the GEMM it feeds). The workspace carries a row of ones under the patches, so the GEMM writes
+  workspace of ``workspace_bytes`` (on CPU about one core's L2 cache), in the ``[d_in, k·R]`` layout the strided
+  input view copies fastest into, so the unfolded input never exists for the whole batch (``F.unfold`` of a batch
+  is ``kh·kw`` times its input and, on CPU, slower than the GEMM it feeds). The workspace carries a row of ones under the patches, so the GEMM writes
   whole rows of a contiguous ``out``, bias column included: one batched BLAS call per chunk, where the weight
   columns alone (a strided result) cost one GEMM call per example. Narrow outputs (≤ 8 columns) unfold in two
   steps (:func:`_unfold_two_step_`). With many rows per example (draws), PyTorch's own weight-gradient
