@@ -14,13 +14,13 @@ whole rows with the bias: no temporary of the batch's gradients, no second pass 
   planes per tap in place of ``C_in``;
 * any other convolution with few rows per example unfolds (im2col) a few examples at a time into one reused
   workspace of ``workspace_bytes`` (on CPU about one core's L2 cache), in the ``[d_in, k·R]`` layout the strided
-  input view copies fastest into, so the unfolded input never exists for the whole batch (``F.unfold`` of a batch
-  is ``kh·kw`` times its input and, on CPU, slower than the GEMM it feeds). The workspace carries a row of ones under the patches, so the GEMM writes
-  whole rows of a contiguous ``out``, bias column included: one batched BLAS call per chunk, where the weight
-  columns alone (a strided result) cost one GEMM call per example. Narrow outputs (≤ 8 columns) unfold in two
-  steps (:func:`_unfold_two_step_`). With many rows per example (draws), PyTorch's own weight-gradient
-  convolution over each example's rows is faster, and with one row per example at ≥ 16×16 positions and few
-  channels, one grouped weight-gradient convolution over the whole batch (examples as groups).
+  input view copies fastest into, so the unfolded input never exists for the whole batch (``F.unfold`` of a batch is
+  ``kh·kw`` times its input and, on CPU, slower than the GEMM it feeds). The workspace carries a row of ones under
+  the patches, so the GEMM writes whole rows of a contiguous ``out``, bias column included: one batched BLAS call
+  per chunk, where the weight columns alone (a strided result) cost one GEMM call per example. Narrow outputs (≤ 8
+  columns) unfold in two steps (:func:`_unfold_two_step_`). With many rows per example (draws), PyTorch's own
+  weight-gradient convolution over each example's rows is faster, and with one row per example at ≥ 16×16 positions
+  and few channels, one grouped weight-gradient convolution over the whole batch (examples as groups).
 
 Workspaces (the unfolded input, the padded input, the scattered output gradient) are kept per thread and reused
 across calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling
