@@ -45,7 +45,7 @@ def test_conv_kernel_equals_autograd(kernel, padding, stride, dilation, rows_per
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
     ref = _reference(m, x, g, B)
     for dt in (DT, torch.float32):  # reused workspaces holding another call's values
-        for slot in ("cols", "scatter", "a", "b"):
+        for slot in ("cols", "scatter_out", "a", "b"):
             wgrad._workspace(x.to(dt), slot, 10 ** 5).fill_(float("nan"))
     got = add_conv_per_example_(torch.full_like(ref, float("nan")), m, x, g, accumulate=False,
                                 workspace_bytes=1)  # one example per workspace chunk

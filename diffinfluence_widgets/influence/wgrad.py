@@ -24,7 +24,8 @@ whole rows with the bias: no temporary of the batch's gradients, no second pass 
 
 Workspaces (the unfolded input, the padded input, the scattered output gradient) are kept per thread and reused
 across calls: on CPU a freshly allocated multi-MB block page-faults on first touch, which costs more than filling
-it. Padded copies are kept per layer geometry, so their padding, zeroed once, stays zero (no fill per call).
+it. Padded copies (the padded input, a chunk of rows at a time; the two-step unfold's shifted planes; the scattered
+output gradient) are kept per layer geometry, so their padding, zeroed once, stays zero (no fill per call).
 
 The bias gradient (the last column, bias folded into the input) is one reduction of ``g`` per call.
 """
@@ -257,19 +258,19 @@ def _add_scattered_conv_(weight: torch.Tensor, m: nn.Conv2d, x: torch.Tensor, g:
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
     taps = c_out * kh * kw
     chunk = _chunk(B, k * taps * H * W * x.element_size(), workspace_bytes)
-    ws = _workspace(x, "scatter", chunk, c_out, kh, kw, k, H, W)
+    # every call of this geometry writes the same positions: the rest stays zero
+    ws = _zero_bordered(x, ("scatter", h_o, w_o, sh, sw, ph, pw, dh, dw), chunk, c_out, kh, kw, k, H, W)
     res = _workspace(x, "scatter_out", chunk, c_in, taps)
     x_rows = x.reshape(rows, c_in, H * W)
     g_rows = g.unflatten(0, (B, k)).transpose(1, 2)  # [B, C_out, k, H_o, W_o]
-    spans = [_tap_span(i * dh - ph, sh, h_o, H) for i in range(kh)], [_tap_span(j * dw - pw, sw, w_o, W)
-                                                                       for j in range(kw)]
+    row_spans = [_tap_span(i * dh - ph, sh, h_o, H) for i in range(kh)]
+    col_spans = [_tap_span(j * dw - pw, sw, w_o, W) for j in range(kw)]
     out = weight.unflatten(-1, (c_in, kh * kw))  # [B, C_out, C_in, kh·kw]
     for n0 in range(0, B, chunk):
         n = min(B, n0 + chunk) - n0
         s = ws[:n]
-        s.zero_()
-        for i, (y_lo, y_hi, r0) in enumerate(spans[0]):
-            for j, (x_lo, x_hi, c0) in enumerate(spans[1]):
+        for i, (y_lo, y_hi, r0) in enumerate(row_spans):
+            for j, (x_lo, x_hi, c0) in enumerate(col_spans):
                 if y_hi > y_lo and x_hi > x_lo:
                     s[:, :, i, j, :, r0:r0 + (y_hi - y_lo - 1) * sh + 1:sh, c0:c0 + (x_hi - x_lo - 1) * sw + 1:sw] = \
                         g_rows[n0:n0 + n, ..., y_lo:y_hi, x_lo:x_hi]
@@ -370,17 +371,6 @@ def _padded_rows(m: nn.Conv2d, x: torch.Tensor, r0: int, r1: int) -> torch.Tenso
     return xp
 
 
-def _padded_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    (ph, pw) = m.padding
-    if not (ph or pw):
-        return x
-    H, W = x.shape[2], x.shape[3]
-    xp = _workspace(x, "x_pad", x.shape[0], x.shape[1], H + 2 * ph, W + 2 * pw)
-    xp.zero_()  # one contiguous fill: faster than zeroing the border's thin strided slices
-    xp[:, :, ph:ph + H, pw:pw + W].copy_(x)
-    return xp
-
-
 def add_input_covariance_(acc: torch.Tensor, m: nn.Module, x: torch.Tensor, *,
                           workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> tuple[torch.Tensor, int]:
     """``acc[:d_in, :d_in] += Σ_rows Σ_r a_r a_rᵀ`` (K-FAC-expand's A statistic, without the bias row) for one call
@@ -403,14 +393,14 @@ def add_input_covariance_(acc: torch.Tensor, m: nn.Module, x: torch.Tensor, *,
     w_o = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     R = h_o * w_o
     d_in = c_in * kh * kw
-    xp = _padded_input(m, x)
-    sN, sC, sH, sW = xp.stride()
     chunk = _chunk(rows, d_in * R * x.element_size(), workspace_bytes)
     col_sum = torch.zeros(d_in, dtype=acc.dtype, device=acc.device)
     for r0 in range(0, rows, chunk):
         n = min(rows, r0 + chunk) - r0
+        xp = _padded_rows(m, x, r0, r0 + n)
+        sN, sC, sH, sW = xp.stride()
         patches = xp.as_strided((c_in, kh, kw, n, h_o, w_o), (sC, sH * dh, sW * dw, sN, sH * sh, sW * sw),
-                                xp.storage_offset() + r0 * sN)
+                                xp.storage_offset())
         w = _workspace(x, "cols", d_in, n * R)
         w.view(c_in, kh, kw, n, h_o, w_o).copy_(patches)
         if acc.dtype == w.dtype:
